@@ -1,0 +1,31 @@
+// Schemas of the kernel ops, declared once. Each backend file registers its kernels with
+// TORCH_LIBRARY_IMPL(drep, CPU|CUDA, m); a CPU-only build leaves csrc/cuda/ out.
+// The public ops (drep::denoise_loss, drep::merge_weights, drep::linear_denoise: autograd,
+// fake kernels, backend choice) are defined in Python, drep_kernels/ops/, and call these.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing drep_kernels._C runs the static registrars below; the module itself is empty.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(drep, m) {
+  // docs/method.md M1, M2: (W', b') with b' empty when neither bias exists.
+  m.def(
+      "merge_weights_fwd(Tensor weight, Tensor? bias, Tensor denoise_weight, Tensor? denoise_bias, "
+      "float c1, float c3) -> (Tensor, Tensor)");
+  // docs/method.md M3..M5: (dW, dW_d, db_d) in the compute dtype, each empty unless asked for.
+  m.def(
+      "merge_weights_bwd(Tensor grad_merged_weight, Tensor? grad_merged_bias, Tensor weight, "
+      "Tensor denoise_weight, Tensor? denoise_bias, float c1, float c3, bool need_weight, "
+      "bool need_denoise) -> (Tensor, Tensor, Tensor)");
+  // docs/method.md L1, L2: (loss, dL/dW_d, dL/db_d) for a 2-D x; eps from `noise` if given,
+  // else from the counter-based stream of `seed` (csrc/philox.h).
+  m.def(
+      "denoise_loss_fwd(Tensor x, Tensor denoise_weight, Tensor? denoise_bias, float a, float s, "
+      "Tensor? noise, Tensor seed, bool compute_grad) -> (Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,30 @@
+"""drep-kernels: fused kernels for DenoiseRep (Xu et al., NeurIPS 2024).
+
+Public API:
+    Schedule, DenoiseLinear                      -- the schedule and the drop-in layer
+    convert, timesteps, denoise_loss, set_phase,
+    fuse, load_reference_state_dict              -- the model-level recipe
+    ops                                          -- the registered ops (namespace ``drep``)
+    backends()                                   -- the backends usable here
+"""
+from . import ops
+from .backends import backends
+from .model import convert, denoise_loss, fuse, load_reference_state_dict, set_phase, timesteps
+from .nn import DenoiseLinear
+from .schedule import Coefficients, Schedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Coefficients",
+    "DenoiseLinear",
+    "Schedule",
+    "backends",
+    "convert",
+    "denoise_loss",
+    "fuse",
+    "load_reference_state_dict",
+    "ops",
+    "set_phase",
+    "timesteps",
+]

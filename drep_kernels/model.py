@@ -1,0 +1,241 @@
+"""Model-level recipe: convert, number, collect losses, set phases, fuse, load checkpoints."""
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .nn import DenoiseLinear
+from .schedule import Schedule
+
+DENOISE_TYPES: tuple[type, ...] = (DenoiseLinear,)
+_PHASES = ("denoiser", "backbone", "joint")
+
+
+def _denoise_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, DENOISE_TYPES)]
+
+
+def _excluded(name: str, module: nn.Module, exclude) -> bool:
+    if exclude is None:
+        return False
+    if callable(exclude) and not isinstance(exclude, type):
+        return bool(exclude(name, module))
+    for item in exclude:
+        if isinstance(item, type) and isinstance(module, item):
+            return True
+        if isinstance(item, str) and fnmatch.fnmatchcase(name, item):
+            return True
+    return False
+
+
+def _forward_order(model: nn.Module, candidates: dict[int, str], example_inputs: Sequence[Any]) -> list[str]:
+    """Names of the candidate modules in the order a forward pass first calls them."""
+    order: list[str] = []
+    seen: set[int] = set()
+
+    def hook(module, _inputs):
+        if id(module) not in seen:
+            seen.add(id(module))
+            order.append(candidates[id(module)])
+
+    by_id = {id(m): m for m in model.modules()}
+    handles = [by_id[i].register_forward_pre_hook(hook) for i in candidates]
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    # Layers the example forward did not reach keep their registration order, after the rest.
+    return order + [n for n in candidates.values() if n not in order]
+
+
+def convert(
+    model: nn.Module,
+    *,
+    schedule: Optional[Schedule] = None,
+    include: Iterable[type] = (nn.Linear,),
+    exclude: Union[None, Iterable[Union[str, type]], Callable[[str, nn.Module], bool]] = None,
+    example_inputs: Optional[Sequence[Any]] = None,
+    init: str = "zeros",
+    label_augmented: bool = False,
+) -> nn.Module:
+    """Replace the model's layers by denoising layers, in place, and return the model.
+
+    Converted layers are numbered globally: the i-th of N in forward order gets t = N - i
+    (the layer nearest the input is the noisiest step). Forward order is the modules'
+    registration order, or the order of a real forward pass when ``example_inputs`` is given.
+
+    Args:
+        include: layer types to convert (``nn.Linear``).
+        exclude: qualified-name glob patterns and/or types to skip, or a predicate(name, module).
+        init, label_augmented: passed to each ``DenoiseLinear``.
+    Raises:
+        ValueError: the model is already converted, or N >= schedule.T_max.
+    """
+    schedule = schedule if schedule is not None else Schedule()
+    include = tuple(include)
+    unsupported = [t for t in include if not (isinstance(t, type) and issubclass(t, nn.Linear))]
+    if unsupported:
+        raise TypeError(f"include: only nn.Linear can be converted here, got {unsupported}")
+    if _denoise_layers(model):
+        raise ValueError("model is already converted (it holds denoising layers); convert it once")
+    candidates: dict[int, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, include) and not _excluded(name, module, exclude) and id(module) not in candidates:
+            candidates[id(module)] = name
+    names = (
+        _forward_order(model, candidates, example_inputs)
+        if example_inputs is not None
+        else list(candidates.values())
+    )
+    n = len(names)
+    if n >= schedule.T_max:
+        raise ValueError(f"cannot convert {n} layers with T_max={schedule.T_max}: need N < T_max")
+    converted: dict[int, nn.Module] = {}
+    for i, name in enumerate(names):
+        old = model.get_submodule(name)
+        converted[id(old)] = DenoiseLinear.from_linear(
+            old, t=n - i, schedule=schedule, init=init, label_augmented=label_augmented
+        )
+    _replace(model, converted)
+    return model
+
+
+def _replace(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
+    # Every parent slot that holds a replaced module is rewritten (shared modules included).
+    for parent in model.modules():
+        for child_name, child in list(parent.named_children()):
+            if id(child) in replacements:
+                setattr(parent, child_name, replacements[id(child)])
+
+
+def timesteps(model: nn.Module) -> dict[str, int]:
+    """{qualified name: t} of every denoising layer."""
+    return {name: m._t for name, m in _denoise_layers(model)}
+
+
+def denoise_loss(model: nn.Module) -> Tensor:
+    """Sum of the denoising losses the model's layers produced since the last call; clears them.
+
+    Add ``lambda * denoise_loss(model)`` (the authors use lambda = 0.01) to the task loss.
+    Returns a 0-d float32 zero when no loss was produced (eval, no_grad, backbone phase).
+    """
+    losses = [loss for _, m in _denoise_layers(model) for loss in m.take_losses()]
+    if not losses:
+        p = next(model.parameters(), None)
+        return torch.zeros((), device=p.device if p is not None else "cpu")
+    return torch.stack([l.float() for l in losses]).sum()
+
+
+def set_phase(model: nn.Module, phase: str) -> nn.Module:
+    """Set requires_grad for a training phase, by module type (never by parameter name).
+
+    - ``"denoiser"``: only the denoisers train (label-free: the loss alone reaches them).
+    - ``"backbone"``: denoisers frozen; everything else trains through (W', b').
+    - ``"joint"``: both.
+    """
+    if phase not in _PHASES:
+        raise ValueError(f"phase must be one of {_PHASES}, got {phase!r}")
+    denoiser_ids = {id(p) for _, m in _denoise_layers(model) for p in m.denoiser_parameters()}
+    if not denoiser_ids:
+        raise ValueError("model has no denoising layers; call drep_kernels.convert(model) first")
+    for p in model.parameters():
+        is_denoiser = id(p) in denoiser_ids
+        p.requires_grad_(phase == "joint" or (phase == "denoiser") == is_denoiser)
+    return model
+
+
+def fuse(model: nn.Module) -> nn.Module:
+    """Replace every denoising layer by its plain deployable layer holding (W', b'), in place.
+
+    Idempotent; the fused model has the original architecture, parameter count and FLOPs.
+    A bare denoising layer (no parent) is returned fused.
+    """
+    if isinstance(model, DENOISE_TYPES):
+        return model.to_linear()
+    _replace(model, {id(m): m.to_linear() for _, m in _denoise_layers(model)})
+    return model
+
+
+# --- checkpoints of the authors' public code ----------------------------------------------
+
+def _sinusoid(t: int, dim: int, dtype=torch.float64) -> Tensor:
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=dtype) * -(math.log(10000.0) / (half - 1)))
+    angles = t * freqs
+    return torch.cat((angles.sin(), angles.cos()))
+
+
+def _time_embedding(sd: Mapping[str, Tensor], prefix: str, t: int) -> Tensor:
+    """e_t = Linear2(GELU(Linear1(sinusoid(t)))), the public code's time MLP, in float64."""
+    w1, b1 = sd[prefix + "time_mlp.1.weight"].double(), sd[prefix + "time_mlp.1.bias"].double()
+    w2, b2 = sd[prefix + "time_mlp.3.weight"].double(), sd[prefix + "time_mlp.3.bias"].double()
+    h = F.gelu(F.linear(_sinusoid(t, w1.shape[1]), w1, b1))
+    return F.linear(h, w2, b2)
+
+
+def load_reference_state_dict(module_or_model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
+    """Load a checkpoint saved by the authors' public code into converted layers.
+
+    Per layer it expects ``weight``, ``bias``, ``dm.weight``, ``dm.bias``, ``time_mlp.{1,3}.*``
+    and optionally the schedule buffers (``betas``, ``alphas_cumprod``, ...). The time
+    embedding is folded into the denoise bias once, at the layer's own t:
+    b_d <- dm.bias + dm.weight e_t (docs/method.md, "Time embedding"). Other keys are loaded
+    as they are; the load is strict.
+    """
+    layers = _denoise_layers(module_or_model)
+    if not layers:
+        raise ValueError("no denoising layers to load into; convert the model first")
+    out: dict[str, Tensor] = dict(state_dict)
+    for name, layer in layers:
+        prefix = f"{name}." if name else ""
+        if prefix + "dm.weight" not in state_dict:
+            raise KeyError(f"{prefix}dm.weight missing: not a checkpoint of the reference layout")
+        betas = state_dict.get(prefix + "betas")
+        if betas is not None:
+            ours = layer.schedule.betas
+            if betas.shape != ours.shape or not torch.allclose(betas.double(), ours, rtol=1e-5, atol=1e-9):
+                raise ValueError(f"{prefix}betas: the checkpoint's schedule differs from {layer.schedule}")
+        w_d = state_dict[prefix + "dm.weight"].double()
+        b_d = state_dict[prefix + "dm.bias"].double()
+        if prefix + "time_mlp.1.weight" in state_dict:
+            b_d = b_d + w_d @ _time_embedding(state_dict, prefix, layer._t)
+        if layer.denoise_bias is None:
+            raise ValueError(
+                f"{prefix or 'layer'} has no bias, but the reference denoiser has one (dm.bias and the "
+                "time embedding); convert this layer with a bias to load it"
+            )
+        for key in list(out):
+            if key.startswith(prefix) and key[len(prefix):].split(".")[0] in _REFERENCE_ONLY:
+                del out[key]
+        out[prefix + "denoise_weight"] = w_d.to(layer.denoise_weight.dtype)
+        out[prefix + "denoise_bias"] = b_d.to(layer.denoise_bias.dtype)
+        out[prefix + "t"] = layer.t.detach().clone()
+    module_or_model.load_state_dict(out, strict=True)
+    return module_or_model
+
+
+# Keys of the reference layer that have no counterpart here (folded or derived from t).
+_REFERENCE_ONLY = {
+    "dm",
+    "time_mlp",
+    "betas",
+    "sqrt_betas",
+    "alphas",
+    "sqrt_alphas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+}

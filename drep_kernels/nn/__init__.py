@@ -1,0 +1,4 @@
+"""Drop-in modules."""
+from .linear import DenoiseLinear
+
+__all__ = ["DenoiseLinear"]

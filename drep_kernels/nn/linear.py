@@ -1,0 +1,234 @@
+"""``DenoiseLinear``: an ``nn.Linear`` that owns a DenoiseRep denoiser and folds it in."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import ops
+from ..schedule import Coefficients, Schedule
+
+_INITS = ("zeros", "linear")
+
+
+class DenoiseLinear(nn.Linear):
+    """A Linear layer read as reverse-diffusion step ``t`` (docs/method.md).
+
+    Computes y = x W'^T + b' in train and eval, with (W', b') the reverse step folded into
+    (W, b) (formulas M1, M2). In training mode, when a denoiser parameter requires grad, each
+    forward also computes the denoising loss (L1) on its input; collect it with
+    ``drep_kernels.denoise_loss(model)``.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as for ``nn.Linear``.
+        t: the diffusion step, 1 <= t < schedule.T_max (stored as the buffer ``t``).
+        schedule: the ``Schedule`` (default ``Schedule()``).
+        init: ``"zeros"`` (default: W_d = 0, b_d = 0, so the layer computes c3 x W^T + b) or
+            ``"linear"`` (nn.Linear's default init, as the authors' code does).
+        label_augmented: let the task gradient reach the denoiser through the merge.
+
+    Parameters ``weight`` (out, K) and ``bias`` (out,) are the layer's own; ``denoise_weight``
+    (K, K) and ``denoise_bias`` (K,) the denoiser's (``denoise_bias`` is None when
+    ``bias=False``, so the fused layer keeps the original architecture).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        t: int,
+        schedule: Optional[Schedule] = None,
+        init: str = "zeros",
+        label_augmented: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.schedule = schedule if schedule is not None else Schedule()
+        self._set_t(t)
+        self.register_buffer("t", torch.tensor(self._t, dtype=torch.int64, device=device))
+        factory = {"device": device, "dtype": dtype}
+        self.denoise_weight = nn.Parameter(torch.empty(in_features, in_features, **factory))
+        if bias:
+            self.denoise_bias = nn.Parameter(torch.empty(in_features, **factory))
+        else:
+            self.register_parameter("denoise_bias", None)
+        self.label_augmented = bool(label_augmented)
+        self._merge_cache: Optional[tuple] = None
+        self._pending_losses: list[Tensor] = []
+        self._pending_versions: Optional[tuple] = None
+        self.reset_denoiser(init)
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        t: int,
+        schedule: Optional[Schedule] = None,
+        *,
+        init: str = "zeros",
+        label_augmented: bool = False,
+    ) -> "DenoiseLinear":
+        """Wrap an existing ``nn.Linear``; its ``weight``/``bias`` Parameters are reused, not copied."""
+        if isinstance(linear, DenoiseLinear):
+            raise TypeError("this layer is already a DenoiseLinear; refusing to wrap it twice")
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            t=t,
+            schedule=schedule,
+            init=init,
+            label_augmented=label_augmented,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        layer.train(linear.training)
+        return layer
+
+    def reset_denoiser(self, init: str = "zeros") -> None:
+        """Re-initialise the denoiser: ``"zeros"`` or ``"linear"`` (nn.Linear's init)."""
+        if init not in _INITS:
+            raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+        with torch.no_grad():
+            if init == "zeros":
+                self.denoise_weight.zero_()
+                if self.denoise_bias is not None:
+                    self.denoise_bias.zero_()
+            else:
+                bound = 1.0 / math.sqrt(self.in_features)
+                self.denoise_weight.uniform_(-bound, bound)
+                if self.denoise_bias is not None:
+                    self.denoise_bias.uniform_(-bound, bound)
+
+    def _set_t(self, t) -> None:
+        if isinstance(t, Tensor):
+            t = int(t.item())
+        self.coefficients: Coefficients = self.schedule.coefficients(t)  # validates t
+        self._t = t
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "t" in state_dict:  # keep the Python-side coefficients in step with the buffer
+            self._set_t(self.t)
+        self._merge_cache = None
+
+    def __getstate__(self):
+        # Cached merges and pending losses may carry autograd history; they are not state.
+        state = self.__dict__.copy()
+        state["_merge_cache"] = None
+        state["_pending_losses"] = []
+        state["_pending_versions"] = None
+        return state
+
+    def denoiser_parameters(self) -> list[nn.Parameter]:
+        """The denoiser's parameters (W_d and, if present, b_d)."""
+        return [p for p in (self.denoise_weight, self.denoise_bias) if p is not None]
+
+    # -- merge ----------------------------------------------------------------------------
+    def _merge_key(self) -> tuple:
+        params = (self.weight, self.bias, self.denoise_weight, self.denoise_bias)
+        return (
+            tuple(None if p is None else (p._version, p.data_ptr(), p.requires_grad, p.dtype) for p in params),
+            torch.is_grad_enabled(),
+            torch.is_inference_mode_enabled(),
+            self.label_augmented,
+            self._t,
+        )
+
+    def merged_weight_and_bias(self) -> tuple[Tensor, Optional[Tensor]]:
+        """(W', b') of the current parameters; b' is None for a bias-free layer.
+
+        Cached, keyed on the parameters' versions: recomputed only after a parameter changed
+        (an optimizer step, a load). With grad enabled the result is differentiable in W, b
+        and, only when ``label_augmented``, in the denoiser.
+        """
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            key = self._merge_key()
+            if self._merge_cache is not None and self._merge_cache[0] == key:
+                return self._merge_cache[1], self._merge_cache[2]
+        dw, db = self.denoise_weight, self.denoise_bias
+        if not self.label_augmented:
+            dw = dw.detach()
+            db = db.detach() if db is not None else None
+        co = self.coefficients
+        merged = ops.merge_weights(self.weight, self.bias, dw, db, co.c1, co.c3)
+        if not compiling:
+            self._merge_cache = (key, *merged)
+        return merged
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding (W', b'): the deployable layer, same architecture."""
+        with torch.no_grad():
+            w, b = self.merged_weight_and_bias()
+            linear = nn.Linear(
+                self.in_features, self.out_features, b is not None, device=w.device, dtype=w.dtype
+            )
+            linear.weight.copy_(w)
+            if b is not None:
+                linear.bias.copy_(b)
+        linear.train(self.training)
+        return linear
+
+    # -- forward and losses ---------------------------------------------------------------
+    def _wants_loss(self) -> bool:
+        return (
+            self.training
+            and torch.is_grad_enabled()
+            and any(p.requires_grad for p in self.denoiser_parameters())
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        merged = self.merged_weight_and_bias()
+        if not self._wants_loss():
+            # Nothing could receive the denoising loss's gradient: do not compute it.
+            return F.linear(x, *merged)
+        y, loss = ops.linear_denoise(
+            x,
+            self.weight,
+            self.bias,
+            self.denoise_weight,
+            self.denoise_bias,
+            self.coefficients,
+            label_augmented=self.label_augmented,
+            merged=merged,
+        )
+        self._record_loss(loss)
+        return y
+
+    def _record_loss(self, loss: Tensor) -> None:
+        if not torch.compiler.is_compiling():
+            versions = tuple(p._version for p in self.denoiser_parameters())
+            if self._pending_losses and versions != self._pending_versions:
+                # The denoiser changed since these losses were made (an optimizer step): they
+                # were never read. Drop them rather than hold their graphs forever.
+                warnings.warn(
+                    "DenoiseLinear: denoising losses were produced but never collected; call "
+                    "drep_kernels.denoise_loss(model) after each forward. Dropping them.",
+                    stacklevel=3,
+                )
+                self._pending_losses.clear()
+            self._pending_versions = versions
+        self._pending_losses.append(loss)
+
+    def take_losses(self) -> list[Tensor]:
+        """The losses produced since the last call, handed over and forgotten by the layer."""
+        losses, self._pending_losses = self._pending_losses, []
+        return losses
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, t={self._t}"
