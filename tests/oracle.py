@@ -1,0 +1,49 @@
+"""Float64 oracle for the tests: docs/method.md transcribed with plain autograd.
+
+Written independently of drep_kernels.backends.reference: gradients come from autograd of the
+formulas, not from the hand-written L2 / M3..M5, so the two check each other.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def denoise_loss(x: Tensor, w_d: Tensor, b_d: Optional[Tensor], a: float, s: float, eps: Tensor) -> Tensor:
+    """L1 in float64; differentiable in w_d, b_d (x is detached)."""
+    xn = a * x.detach().double().reshape(-1, x.shape[-1]) + s * eps.double().reshape(-1, x.shape[-1])
+    p = xn @ w_d.double().T
+    if b_d is not None:
+        p = p + b_d.double()
+    d = p - eps.double().reshape(p.shape)
+    if d.numel() == 0:
+        return (w_d.double().sum() + (b_d.double().sum() if b_d is not None else 0)) * 0.0
+    return d.abs().mean() + d.square().mean()
+
+
+def denoise_loss_grads(x, w_d, b_d, a, s, eps):
+    """(loss, dL/dW_d, dL/db_d or None) by autograd of L1, all float64."""
+    w = w_d.detach().double().requires_grad_(True)
+    b = b_d.detach().double().requires_grad_(True) if b_d is not None else None
+    loss = denoise_loss(x, w, b, a, s, eps)
+    grads = torch.autograd.grad(loss, [w] + ([b] if b is not None else []))
+    return loss.detach(), grads[0], (grads[1] if b is not None else None)
+
+
+def two_step(x: Tensor, w: Tensor, b: Optional[Tensor], w_d: Tensor, b_d: Optional[Tensor], c1: float, c3: float) -> Tensor:
+    """Denoise (one deterministic reverse step), then the layer: the function M1/M2 must equal."""
+    eps_hat = x @ w_d.T + (b_d if b_d is not None else 0)
+    x_prev = c3 * x - c1 * eps_hat
+    y = x_prev @ w.T
+    return y + b if b is not None else y
+
+
+def merge(w, b, w_d, b_d, c1, c3):
+    """(W', b') straight from M1/M2 (differentiable by autograd)."""
+    merged_w = c3 * w - c1 * (w @ w_d)
+    if b is None and b_d is None:
+        return merged_w, None
+    merged_b = (b if b is not None else torch.zeros_like(w[:, 0])) - c1 * (w @ b_d if b_d is not None else 0)
+    return merged_w, merged_b
