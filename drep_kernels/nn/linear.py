@@ -184,6 +184,10 @@ class DenoiseLinear(nn.Linear):
         linear.train(self.training)
         return linear
 
+    def to_plain(self) -> nn.Linear:
+        """The deployable layer (``to_linear``); ``drep_kernels.fuse`` calls this on every layer type."""
+        return self.to_linear()
+
     # -- forward and losses ---------------------------------------------------------------
     def _wants_loss(self) -> bool:
         return (
@@ -217,7 +221,7 @@ class DenoiseLinear(nn.Linear):
                 # The denoiser changed since these losses were made (an optimizer step): they
                 # were never read. Drop them rather than hold their graphs forever.
                 warnings.warn(
-                    "DenoiseLinear: denoising losses were produced but never collected; call "
+                    f"{type(self).__name__}: denoising losses were produced but never collected; call "
                     "drep_kernels.denoise_loss(model) after each forward. Dropping them.",
                     stacklevel=3,
                 )
