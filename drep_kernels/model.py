@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
@@ -10,10 +11,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .nn import DenoiseLinear
+from .nn import DenoiseConv2d, DenoiseLinear
 from .schedule import Schedule
 
-DENOISE_TYPES: tuple[type, ...] = (DenoiseLinear,)
+DENOISE_TYPES: tuple[type, ...] = (DenoiseLinear, DenoiseConv2d)
+_CONVERTIBLE: tuple[type, ...] = (nn.Linear, nn.Conv2d)
+_log = logging.getLogger("drep_kernels")
 _PHASES = ("denoiser", "backbone", "joint")
 
 
@@ -56,6 +59,23 @@ def _forward_order(model: nn.Module, candidates: dict[int, str], example_inputs:
     return order + [n for n in candidates.values() if n not in order]
 
 
+def _cannot_convert(module: nn.Module) -> Optional[str]:
+    """Why this candidate layer is left as it is, or None if it can be converted."""
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return f"grouped conv (groups={module.groups}): W_d would mix the groups' filters"
+        if type(module).forward is not nn.Conv2d.forward or type(module)._conv_forward is not nn.Conv2d._conv_forward:
+            # e.g. a conv with dynamic "same" padding: DenoiseConv2d would drop that behaviour.
+            return f"{type(module).__name__} overrides Conv2d's forward"
+    return None
+
+
+def _denoise_layer(module: nn.Module, **kwargs) -> nn.Module:
+    if isinstance(module, nn.Conv2d):
+        return DenoiseConv2d.from_conv2d(module, **kwargs)
+    return DenoiseLinear.from_linear(module, **kwargs)
+
+
 def convert(
     model: nn.Module,
     *,
@@ -73,22 +93,28 @@ def convert(
     registration order, or the order of a real forward pass when ``example_inputs`` is given.
 
     Args:
-        include: layer types to convert (``nn.Linear``).
+        include: layer types to convert: ``nn.Linear`` (default) and/or ``nn.Conv2d`` (and their
+            subclasses). Grouped convs, and convs whose class overrides the forward, are left
+            as they are; the reason is logged (logger ``"drep_kernels"``, level INFO).
         exclude: qualified-name glob patterns and/or types to skip, or a predicate(name, module).
-        init, label_augmented: passed to each ``DenoiseLinear``.
+        init, label_augmented: passed to each ``DenoiseLinear`` / ``DenoiseConv2d``.
     Raises:
         ValueError: the model is already converted, or N >= schedule.T_max.
     """
     schedule = schedule if schedule is not None else Schedule()
     include = tuple(include)
-    unsupported = [t for t in include if not (isinstance(t, type) and issubclass(t, nn.Linear))]
+    unsupported = [t for t in include if not (isinstance(t, type) and issubclass(t, _CONVERTIBLE))]
     if unsupported:
-        raise TypeError(f"include: only nn.Linear can be converted here, got {unsupported}")
+        raise TypeError(f"include: only nn.Linear and nn.Conv2d can be converted, got {unsupported}")
     if _denoise_layers(model):
         raise ValueError("model is already converted (it holds denoising layers); convert it once")
     candidates: dict[int, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, include) and not _excluded(name, module, exclude) and id(module) not in candidates:
+            why_not = _cannot_convert(module)
+            if why_not is not None:
+                _log.info("convert: leaving %s unconverted: %s", name or type(module).__name__, why_not)
+                continue
             candidates[id(module)] = name
     names = (
         _forward_order(model, candidates, example_inputs)
@@ -101,7 +127,7 @@ def convert(
     converted: dict[int, nn.Module] = {}
     for i, name in enumerate(names):
         old = model.get_submodule(name)
-        converted[id(old)] = DenoiseLinear.from_linear(
+        converted[id(old)] = _denoise_layer(
             old, t=n - i, schedule=schedule, init=init, label_augmented=label_augmented
         )
     _replace(model, converted)
@@ -159,8 +185,8 @@ def fuse(model: nn.Module) -> nn.Module:
     A bare denoising layer (no parent) is returned fused.
     """
     if isinstance(model, DENOISE_TYPES):
-        return model.to_linear()
-    _replace(model, {id(m): m.to_linear() for _, m in _denoise_layers(model)})
+        return model.to_plain()
+    _replace(model, {id(m): m.to_plain() for _, m in _denoise_layers(model)})
     return model
 
 
@@ -196,6 +222,11 @@ def load_reference_state_dict(module_or_model: nn.Module, state_dict: Mapping[st
     out: dict[str, Tensor] = dict(state_dict)
     for name, layer in layers:
         prefix = f"{name}." if name else ""
+        if isinstance(layer, DenoiseConv2d):
+            raise ValueError(
+                f"{prefix or 'layer'} is a DenoiseConv2d: the public code's Conv2d denoiser is not a "
+                "reverse step (docs/method.md, Conv2d) and cannot be loaded into one"
+            )
         if prefix + "dm.weight" not in state_dict:
             raise KeyError(f"{prefix}dm.weight missing: not a checkpoint of the reference layout")
         betas = state_dict.get(prefix + "betas")
