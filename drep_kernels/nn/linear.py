@@ -201,6 +201,14 @@ class DenoiseLinear(nn.Linear):
         if not self._wants_loss():
             # Nothing could receive the denoising loss's gradient: do not compute it.
             return F.linear(x, *merged)
+        if x.dtype != self.weight.dtype and torch.is_autocast_enabled(x.device.type):
+            # Autocast: x arrives in the autocast dtype while the parameters (and the merge)
+            # stay float32. The layer runs as autocast says; the loss, which computes in
+            # float32 anyway, reads x cast to the denoiser's dtype.
+            co = self.coefficients
+            x_loss = x.detach().to(self.denoise_weight.dtype)
+            self._record_loss(ops.denoise_loss(x_loss, self.denoise_weight, self.denoise_bias, co.a, co.s))
+            return F.linear(x, *merged)
         y, loss = ops.linear_denoise(
             x,
             self.weight,
