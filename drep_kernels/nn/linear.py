@@ -1,6 +1,7 @@
 """``DenoiseLinear``: an ``nn.Linear`` that owns a DenoiseRep denoiser and folds it in."""
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Optional
@@ -14,6 +15,14 @@ from .. import ops
 from ..schedule import Coefficients, Schedule
 
 _INITS = ("zeros", "linear")
+
+
+def autocast_off(device: torch.device):
+    """A context without autocast on ``device``: the ops then compute in the dtype they specify
+    (float32 for half inputs). Under autocast the kernels' own matmuls would run in bf16/fp16."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class DenoiseLinear(nn.Linear):
@@ -166,7 +175,8 @@ class DenoiseLinear(nn.Linear):
             dw = dw.detach()
             db = db.detach() if db is not None else None
         co = self.coefficients
-        merged = ops.merge_weights(self.weight, self.bias, dw, db, co.c1, co.c3)
+        with autocast_off(self.weight.device):
+            merged = ops.merge_weights(self.weight, self.bias, dw, db, co.c1, co.c3)
         if not compiling:
             self._merge_cache = (key, *merged)
         return merged
@@ -201,13 +211,15 @@ class DenoiseLinear(nn.Linear):
         if not self._wants_loss():
             # Nothing could receive the denoising loss's gradient: do not compute it.
             return F.linear(x, *merged)
-        if x.dtype != self.weight.dtype and torch.is_autocast_enabled(x.device.type):
-            # Autocast: x arrives in the autocast dtype while the parameters (and the merge)
-            # stay float32. The layer runs as autocast says; the loss, which computes in
-            # float32 anyway, reads x cast to the denoiser's dtype.
+        if torch.is_autocast_enabled(x.device.type):
+            # Autocast: the layer runs as autocast says (x may arrive in bf16 while the
+            # parameters and the merge stay float32); the loss computes as its op specifies,
+            # in float32, on x cast to the denoiser's dtype.
             co = self.coefficients
             x_loss = x.detach().to(self.denoise_weight.dtype)
-            self._record_loss(ops.denoise_loss(x_loss, self.denoise_weight, self.denoise_bias, co.a, co.s))
+            with autocast_off(x.device):
+                loss = ops.denoise_loss(x_loss, self.denoise_weight, self.denoise_bias, co.a, co.s)
+            self._record_loss(loss)
             return F.linear(x, *merged)
         y, loss = ops.linear_denoise(
             x,
