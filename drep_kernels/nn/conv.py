@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import ops
 from ..schedule import Schedule
-from .linear import DenoiseLinear
+from .linear import DenoiseLinear, autocast_off
 
 _INITS = ("zeros", "linear")
 
@@ -170,7 +170,8 @@ class DenoiseConv2d(nn.Conv2d):
         if not self.label_augmented:
             dw = dw.detach()
             db = db.detach() if db is not None else None
-        merged = _merge_conv(self.weight, self.bias, dw, db, self.coefficients.c1, self.coefficients.c3)
+        with autocast_off(self.weight.device):
+            merged = _merge_conv(self.weight, self.bias, dw, db, self.coefficients.c1, self.coefficients.c3)
         if not compiling:
             self._merge_cache = (key, *merged)
         return merged
@@ -222,7 +223,8 @@ class DenoiseConv2d(nn.Conv2d):
         if y_t.dtype != self.denoise_weight.dtype:  # autocast ran the conv in lower precision
             y_t = y_t.to(self.denoise_weight.dtype)
         co = self.coefficients
-        loss = ops.denoise_loss(y_t, self.denoise_weight, self.denoise_bias, co.a, co.s)
+        with autocast_off(x.device):
+            loss = ops.denoise_loss(y_t, self.denoise_weight, self.denoise_bias, co.a, co.s)
         self._record_loss(loss)
         return y
 
