@@ -53,3 +53,11 @@ def pytest_sessionstart(session):
         err = extension_error()
         if err is not None:
             raise RuntimeError(f"DREP_REQUIRE_EXTENSION=1 but drep_kernels._C is not loaded: {err}")
+
+
+def cpu_backends(op: str) -> list[str]:
+    """Backends with a kernel for ``op`` on CPU tensors, excluding the Triton interpreter
+    (too slow for these shapes; tests/test_triton_backend.py covers it)."""
+    from drep_kernels.backends import NAMES, implements
+
+    return [b for b in NAMES if b != "triton" and implements(b, op, "cpu")]
