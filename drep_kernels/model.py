@@ -127,11 +127,11 @@ def denoise_loss(model: nn.Module) -> Tensor:
     Add ``lambda * denoise_loss(model)`` (the authors use lambda = 0.01) to the task loss.
     Returns a 0-d float32 zero when no loss was produced (eval, no_grad, backbone phase).
     """
-    losses = [loss for _, m in _denoise_layers(model) for loss in m.take_losses()]
+    losses = [loss for _, m in _denoise_layers(model) if (loss := m.take_loss()) is not None]
     if not losses:
         p = next(model.parameters(), None)
         return torch.zeros((), device=p.device if p is not None else "cpu")
-    return torch.stack([l.float() for l in losses]).sum()
+    return torch.stack([loss.float() for loss in losses]).sum()
 
 
 def set_phase(model: nn.Module, phase: str) -> nn.Module:
