@@ -321,6 +321,27 @@ def test_opcheck_merge_weights():
     torch.library.opcheck(torch.ops.drep.triton_merge_weights_bwd.default, (*g, w, wd, bd, C1, C3, True, True))
 
 
+def test_compile_fullgraph_traces_through_the_ops(monkeypatch):
+    # aot_eager: the graph and its backward are traced (the merge's backward reaches the
+    # registered drep::triton_merge_weights_bwd, never a launcher with fake tensors) but not
+    # code-generated, so this runs under the interpreter too. Inductor on CUDA: test_gpu_*.
+    _triton(monkeypatch)
+    x, w, b, eps = _denoise_inputs(33, 7, torch.float32)
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    W = torch.randn(5, 7, device=DEVICE, requires_grad=True)
+
+    def f(x, W, w, b, eps):
+        mw, mb = drep_kernels.ops.merge_weights(W, None, w, b, C1, C3)
+        return (x @ mw.T + mb).square().mean() + drep_kernels.ops.denoise_loss(x, w, b, A, S, noise=eps)
+
+    eager = f(x, W, w, b, eps)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x, W, w, b, eps)
+    assert torch.equal(compiled, eager)
+    for u, v in zip(torch.autograd.grad(compiled, [W, w, b]), torch.autograd.grad(eager, [W, w, b])):
+        assert torch.equal(u, v)
+
+
 # ---------------------------------------------------------------- GPU only
 
 
