@@ -7,6 +7,12 @@ import os
 import pytest
 import torch
 
+# Without CUDA the Triton kernels run on CPU tensors under Triton's interpreter, so plain
+# `pytest` covers them too. It must be set before triton.jit decorates the kernels (when
+# drep_kernels.triton is first imported), hence here, at import time.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # (rtol, atol) for comparing a kernel in the given input dtype with the float64 oracle.
 TOLERANCES = {
     torch.float64: (1e-10, 1e-12),
