@@ -57,7 +57,9 @@ def _pip_cuda_include_dirs() -> list[str]:
 
 def _extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std flag: torch.utils.cpp_extension picks the standard its headers need (C++20 for
+    # torch >= 2.14, C++17 before).
+    cxx_flags = ["-O3"]
     if not _want_cuda():
         return CppExtension("drep_kernels._C", sources, extra_compile_args={"cxx": cxx_flags}, py_limited_api=False)
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
@@ -67,7 +69,7 @@ def _extension():
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
         include_dirs=[os.path.join(ROOT, "csrc")] + _pip_cuda_include_dirs(),
         define_macros=[("DREP_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
     )
 
 

@@ -137,8 +137,9 @@ def convert(
 def _replace(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
     # Every parent slot that holds a replaced module is rewritten (shared modules included).
     for parent in model.modules():
-        for child_name, child in list(parent.named_children()):
-            if id(child) in replacements:
+        # parent._modules, not named_children(): the latter skips a module's second slot.
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in replacements:
                 setattr(parent, child_name, replacements[id(child)])
 
 
@@ -153,11 +154,15 @@ def denoise_loss(model: nn.Module) -> Tensor:
     Add ``lambda * denoise_loss(model)`` (the authors use lambda = 0.01) to the task loss.
     Returns a 0-d float32 zero when no loss was produced (eval, no_grad, backbone phase).
     """
-    losses = [loss for _, m in _denoise_layers(model) for loss in m.take_losses()]
+    losses = []
+    for _, layer in _denoise_layers(model):
+        loss = layer.take_loss()
+        if loss is not None:
+            losses.append(loss)
     if not losses:
         p = next(model.parameters(), None)
         return torch.zeros((), device=p.device if p is not None else "cpu")
-    return torch.stack([l.float() for l in losses]).sum()
+    return torch.stack([loss.float() for loss in losses]).sum()
 
 
 def set_phase(model: nn.Module, phase: str) -> nn.Module:

@@ -7,6 +7,12 @@ import os
 import pytest
 import torch
 
+# Without CUDA the Triton kernels run on CPU tensors under Triton's interpreter, so plain
+# `pytest` covers them too. It must be set before triton.jit decorates the kernels (when
+# drep_kernels.triton is first imported), hence here, at import time.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # (rtol, atol) for comparing a kernel in the given input dtype with the float64 oracle.
 TOLERANCES = {
     torch.float64: (1e-10, 1e-12),
@@ -53,3 +59,11 @@ def pytest_sessionstart(session):
         err = extension_error()
         if err is not None:
             raise RuntimeError(f"DREP_REQUIRE_EXTENSION=1 but drep_kernels._C is not loaded: {err}")
+
+
+def cpu_backends(op: str) -> list[str]:
+    """Backends with a kernel for ``op`` on CPU tensors, excluding the Triton interpreter
+    (too slow for these shapes; tests/test_triton_backend.py covers it)."""
+    from drep_kernels.backends import NAMES, implements
+
+    return [b for b in NAMES if b != "triton" and implements(b, op, "cpu")]

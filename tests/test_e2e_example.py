@@ -12,7 +12,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
 
 # examples/ is not installed with the package: import it from the checkout.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 from examples import digits  # noqa: E402
 
 

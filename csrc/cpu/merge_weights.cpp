@@ -22,7 +22,9 @@ std::tuple<at::Tensor, at::Tensor> merge_weights_fwd_cpu(
     return {merged_weight, weight.new_empty({0})};
   }
   // M2: b' = b - c1 W b_d
-  at::Tensor merged_bias = bias.has_value() ? bias->to(cdt) : at::zeros({weight.size(0)}, w.options());
+  // A copy even when no cast is needed: an op output must not alias its input.
+  at::Tensor merged_bias = bias.has_value() ? bias->to(cdt, /*non_blocking=*/false, /*copy=*/true)
+                                           : at::zeros({weight.size(0)}, w.options());
   if (denoise_bias.has_value()) {
     merged_bias = at::addmv(merged_bias, w, denoise_bias->to(cdt), 1.0, -c1);
   }
@@ -36,8 +38,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_weights_bwd_cpu(
   const auto cdt = compute_dtype(weight.scalar_type());
   const at::Tensor g_w = grad_merged_weight.to(cdt);
   const bool rank_one = grad_merged_bias.has_value() && denoise_bias.has_value();
-  at::Tensor empty = weight.new_empty({0}, weight.options().dtype(cdt));
-  at::Tensor grad_weight = empty, grad_dw = empty, grad_db = empty;
+  // Distinct empty tensors: outputs of a registered op must not alias each other.
+  const auto opts = weight.options().dtype(cdt);
+  at::Tensor grad_weight = at::empty({0}, opts), grad_dw = at::empty({0}, opts), grad_db = at::empty({0}, opts);
   if (need_weight) {
     // M3: dW = c3 G_W - c1 G_W W_d^T - c1 g_b b_d^T
     grad_weight = at::addmm(g_w, g_w, denoise_weight.to(cdt).t(), c3, -c1);

@@ -53,12 +53,11 @@ def denoise_loss_fwd(
     D = p - eps
     n = max(M * K, 1)  # an empty batch has loss 0, not 0/0
     loss = (D.abs().sum() + D.square().sum()) / n
-    empty = x.new_empty(0, dtype=cdt)
     if not compute_grad:
-        return loss, empty, empty
+        return loss, x.new_empty(0, dtype=cdt), x.new_empty(0, dtype=cdt)
     G = (torch.sign(D) + 2.0 * D) / n
     grad_weight = G.T @ x_noisy
-    grad_bias = G.sum(0) if denoise_bias is not None else empty
+    grad_bias = G.sum(0) if denoise_bias is not None else x.new_empty(0, dtype=cdt)
     return loss, grad_weight, grad_bias
 
 
@@ -78,7 +77,7 @@ def merge_weights_fwd(
     if bias is None and denoise_bias is None:
         merged_bias = weight.new_empty(0)
     else:
-        merged_bias = bias.to(cdt) if bias is not None else W.new_zeros(W.shape[0])
+        merged_bias = bias.to(cdt, copy=True) if bias is not None else W.new_zeros(W.shape[0])
         if denoise_bias is not None:
             merged_bias = torch.addmv(merged_bias, W, denoise_bias.to(cdt), alpha=-c1)
         merged_bias = merged_bias.to(weight.dtype)
@@ -104,8 +103,8 @@ def merge_weights_bwd(
     cdt = compute_dtype(weight.dtype)
     G_W = grad_merged_weight.to(cdt)
     g_b = grad_merged_bias.to(cdt) if grad_merged_bias is not None else None
-    empty = weight.new_empty(0, dtype=cdt)
-    grad_weight = grad_dw = grad_db = empty
+    # Distinct empty tensors: outputs of a registered op must not alias each other.
+    grad_weight, grad_dw, grad_db = (weight.new_empty(0, dtype=cdt) for _ in range(3))
     if need_weight:
         grad_weight = torch.addmm(G_W, G_W, denoise_weight.to(cdt).T, beta=c3, alpha=-c1)
         if g_b is not None and denoise_bias is not None:

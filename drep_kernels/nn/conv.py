@@ -78,19 +78,20 @@ class DenoiseConv2d(nn.Conv2d):
             self.register_parameter("denoise_bias", None)
         self.label_augmented = bool(label_augmented)
         self._merge_cache: Optional[tuple] = None
-        self._pending_losses: list[Tensor] = []
-        self._pending_versions: Optional[tuple] = None
+        self._stash: Optional[tuple] = None  # (loss sum, dL/dW_d sum, dL/db_d sum)
+        self._stash_versions: Optional[tuple] = None
         self.reset_denoiser(init)
 
     # The bookkeeping is DenoiseLinear's, unchanged: both layer types have one surface (the
-    # step and its coefficients, the merge cache key, the loss hand-over, pickling).
+    # step and its coefficients, the merge cache key, the loss and its hand-over, pickling).
     _set_t = DenoiseLinear._set_t
     __getstate__ = DenoiseLinear.__getstate__
     denoiser_parameters = DenoiseLinear.denoiser_parameters
     _merge_key = DenoiseLinear._merge_key
     _wants_loss = DenoiseLinear._wants_loss
-    _record_loss = DenoiseLinear._record_loss
-    take_losses = DenoiseLinear.take_losses
+    _loss_terms = DenoiseLinear._loss_terms
+    _stash_loss = DenoiseLinear._stash_loss
+    take_loss = DenoiseLinear.take_loss
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -219,13 +220,7 @@ class DenoiseConv2d(nn.Conv2d):
         with torch.no_grad():
             y_t = self._conv_forward(x, self.weight, self.bias)
         # Per pixel, channels last: (N, C, H, W) -> (N H W, C), K = out_channels.
-        y_t = y_t.permute(0, 2, 3, 1).reshape(-1, self.out_channels)
-        if y_t.dtype != self.denoise_weight.dtype:  # autocast ran the conv in lower precision
-            y_t = y_t.to(self.denoise_weight.dtype)
-        co = self.coefficients
-        with autocast_off(x.device):
-            loss = ops.denoise_loss(y_t, self.denoise_weight, self.denoise_bias, co.a, co.s)
-        self._record_loss(loss)
+        self._stash_loss(*self._loss_terms(y_t.permute(0, 2, 3, 1).reshape(-1, self.out_channels)))
         return y
 
     def extra_repr(self) -> str:

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
+from ..backends import select
+from ..ops.denoise_loss import denoise_loss_op, flat_noise_and_seed
 from ..schedule import Coefficients, Schedule
 
 _INITS = ("zeros", "linear")
@@ -71,8 +73,8 @@ class DenoiseLinear(nn.Linear):
             self.register_parameter("denoise_bias", None)
         self.label_augmented = bool(label_augmented)
         self._merge_cache: Optional[tuple] = None
-        self._pending_losses: list[Tensor] = []
-        self._pending_versions: Optional[tuple] = None
+        self._stash: Optional[tuple] = None  # (loss sum, dL/dW_d sum, dL/db_d sum)
+        self._stash_versions: Optional[tuple] = None
         self.reset_denoiser(init)
 
     # -- construction ---------------------------------------------------------------------
@@ -136,11 +138,11 @@ class DenoiseLinear(nn.Linear):
         self._merge_cache = None
 
     def __getstate__(self):
-        # Cached merges and pending losses may carry autograd history; they are not state.
+        # A cached merge may carry autograd history, and unread losses are not state.
         state = self.__dict__.copy()
         state["_merge_cache"] = None
-        state["_pending_losses"] = []
-        state["_pending_versions"] = None
+        state["_stash"] = None
+        state["_stash_versions"] = None
         return state
 
     def denoiser_parameters(self) -> list[nn.Parameter]:
@@ -213,15 +215,10 @@ class DenoiseLinear(nn.Linear):
             return F.linear(x, *merged)
         if torch.is_autocast_enabled(x.device.type):
             # Autocast: the layer runs as autocast says (x may arrive in bf16 while the
-            # parameters and the merge stay float32); the loss computes as its op specifies,
-            # in float32, on x cast to the denoiser's dtype.
-            co = self.coefficients
-            x_loss = x.detach().to(self.denoise_weight.dtype)
-            with autocast_off(x.device):
-                loss = ops.denoise_loss(x_loss, self.denoise_weight, self.denoise_bias, co.a, co.s)
-            self._record_loss(loss)
+            # parameters and the merge stay float32); the loss runs as its op specifies.
+            self._stash_loss(*self._loss_terms(x.reshape(-1, self.in_features)))
             return F.linear(x, *merged)
-        y, loss = ops.linear_denoise(
+        y, loss, grad_dw, grad_db = ops.linear_denoise(
             x,
             self.weight,
             self.bias,
@@ -230,29 +227,76 @@ class DenoiseLinear(nn.Linear):
             self.coefficients,
             label_augmented=self.label_augmented,
             merged=merged,
+            with_loss_grads=True,
         )
-        self._record_loss(loss)
+        self._stash_loss(loss.detach(), grad_dw, grad_db)
         return y
 
-    def _record_loss(self, loss: Tensor) -> None:
+    def _loss_terms(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(loss, dL/dW_d, dL/db_d) of L1/L2 on the (M, K) rows, computed in float32 (float64)
+        as the op specifies: with autocast off, on the rows cast to the denoiser's dtype. For
+        callers that cannot go through ``linear_denoise`` (autocast, DenoiseConv2d)."""
+        rows = rows.detach().to(self.denoise_weight.dtype)
+        noise, seed = flat_noise_and_seed(rows, None, None)
+        co = self.coefficients
+        with torch.no_grad(), autocast_off(rows.device):  # the gradients come out of the op itself
+            return denoise_loss_op(
+                rows, self.denoise_weight, self.denoise_bias, co.a, co.s, noise, seed,
+                select("denoise_loss", rows.device), True,
+            )
+
+    def _stash_loss(self, value: Tensor, grad_dw: Tensor, grad_db: Tensor) -> None:
+        """Keep the loss as (value, dL/dW_d, dL/db_d) sums, never as a graph.
+
+        The op computed the loss's gradients in its forward pass (L2); summing them here keeps
+        one K x K accumulator per layer however many forwards pass before the loss is read,
+        and a loss that is never read holds no autograd graph at all.
+        """
+        if self.denoise_bias is None:
+            grad_db = None
         if not torch.compiler.is_compiling():
             versions = tuple(p._version for p in self.denoiser_parameters())
-            if self._pending_losses and versions != self._pending_versions:
-                # The denoiser changed since these losses were made (an optimizer step): they
-                # were never read. Drop them rather than hold their graphs forever.
+            if self._stash is not None and versions != self._stash_versions:
+                # The denoiser changed since these losses were made: their gradients belong to
+                # the old parameters. Drop them rather than apply them to the new ones.
                 warnings.warn(
-                    f"{type(self).__name__}: denoising losses were produced but never collected; call "
-                    "drep_kernels.denoise_loss(model) after each forward. Dropping them.",
+                    f"{type(self).__name__}: denoising losses were produced but never collected before "
+                    "the denoiser changed; call drep_kernels.denoise_loss(model) after each forward. "
+                    "Dropping them.",
                     stacklevel=3,
                 )
-                self._pending_losses.clear()
-            self._pending_versions = versions
-        self._pending_losses.append(loss)
+                self._stash = None
+            self._stash_versions = versions
+        if self._stash is None:
+            self._stash = (value, grad_dw, grad_db)
+        else:
+            v, gw, gb = self._stash
+            self._stash = (v + value, gw + grad_dw, None if gb is None else gb + grad_db)
 
-    def take_losses(self) -> list[Tensor]:
-        """The losses produced since the last call, handed over and forgotten by the layer."""
-        losses, self._pending_losses = self._pending_losses, []
-        return losses
+    def take_loss(self) -> Optional[Tensor]:
+        """The sum of the losses produced since the last call (None if none), as a 0-d tensor
+        differentiable in the denoiser; the layer forgets them."""
+        if self._stash is None:
+            return None
+        (value, grad_dw, grad_db), self._stash = self._stash, None
+        return _StashedLoss.apply(value, grad_dw, grad_db, self.denoise_weight, self.denoise_bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, t={self._t}"
+
+
+class _StashedLoss(torch.autograd.Function):
+    """A loss whose gradients were computed when it was made: backward only scales them (L2)."""
+
+    @staticmethod
+    def forward(ctx, value, grad_dw, grad_db, denoise_weight, denoise_bias):
+        ctx.save_for_backward(grad_dw, grad_db)
+        ctx.dtype = denoise_weight.dtype
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_dw, grad_db = ctx.saved_tensors
+        dw = (grad * grad_dw).to(ctx.dtype) if ctx.needs_input_grad[3] else None
+        db = (grad * grad_db).to(ctx.dtype) if ctx.needs_input_grad[4] and grad_db is not None else None
+        return None, None, None, dw, db

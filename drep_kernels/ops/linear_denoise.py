@@ -24,7 +24,7 @@ torch.library.define(
     "drep::linear_denoise",
     "(Tensor x, Tensor weight, Tensor? bias, Tensor denoise_weight, Tensor? denoise_bias, "
     "float a, float s, float c1, float c3, Tensor? noise, Tensor seed, bool label_augmented, "
-    "Tensor? merged_weight, Tensor? merged_bias) -> (Tensor, Tensor)",
+    "Tensor? merged_weight, Tensor? merged_bias) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 
 
@@ -43,7 +43,7 @@ def _linear_denoise(
     compute_grad = torch.is_grad_enabled() and (
         denoise_weight.requires_grad or (denoise_bias is not None and denoise_bias.requires_grad)
     )
-    loss, _, _ = denoise_loss_op(
+    loss, grad_dw, grad_db = denoise_loss_op(
         x.detach().reshape(-1, K),
         denoise_weight,
         denoise_bias,
@@ -54,7 +54,7 @@ def _linear_denoise(
         select("denoise_loss", x.device),
         compute_grad,
     )
-    return y, loss
+    return y, loss, grad_dw, grad_db
 
 
 def linear_denoise(
@@ -69,7 +69,8 @@ def linear_denoise(
     seed: Optional[int | Tensor] = None,
     label_augmented: bool = False,
     merged: Optional[tuple[Tensor, Optional[Tensor]]] = None,
-) -> tuple[Tensor, Tensor]:
+    with_loss_grads: bool = False,
+) -> tuple[Tensor, ...]:
     """The layer output and its denoising loss.
 
     Args:
@@ -81,8 +82,12 @@ def linear_denoise(
         label_augmented: let the task gradient reach the denoiser through the merge.
         merged: precomputed (W', b') to reuse (a layer's merge cache); they must be the
             merge of these parameters with the same label_augmented routing.
+        with_loss_grads: also return dL/dW_d and dL/db_d, which the op computes in its forward
+            pass anyway (L2); a caller can keep these instead of the loss's graph.
     Returns:
-        y of shape (..., out) in x's dtype, and the 0-d float32 (float64) loss.
+        y of shape (..., out) in x's dtype, and the 0-d float32 (float64) loss; with
+        ``with_loss_grads``, also dL/dW_d (K, K) and dL/db_d (K,) (non-differentiable; empty
+        when no denoiser parameter requires grad or there is no b_d).
     """
     _checks.tensor("x", x)
     _checks.tensor("weight", weight)
@@ -103,7 +108,7 @@ def linear_denoise(
     a, s, c1, c3 = (_checks.finite(n, getattr(coefficients, n)) for n in ("a", "s", "c1", "c3"))
     noise2d, seed_t = flat_noise_and_seed(x.reshape(-1, K), noise, seed)
     merged_weight, merged_bias = merged if merged is not None else (None, None)
-    return torch.ops.drep.linear_denoise(
+    outputs = torch.ops.drep.linear_denoise(
         x,
         weight,
         bias,
@@ -119,3 +124,4 @@ def linear_denoise(
         merged_weight,
         merged_bias,
     )
+    return outputs if with_loss_grads else outputs[:2]

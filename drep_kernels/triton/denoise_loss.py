@@ -1,0 +1,257 @@
+"""Triton denoising loss (docs/method.md, L1 and L2) in one kernel launch.
+
+One program owns a column block n of p = x_noisy W_d^T + b_d and a group of row blocks m
+(blocks pid_s, pid_s + S, pid_s + 2S, ...). Per row block it
+
+1. accumulates the p tile over K-slices, forming x_noisy = a x + s eps in registers from x and
+   eps = tl.randn(seed, m K + k) (N1): nothing of size M x K is written;
+2. in the epilogue adds b_d, regenerates eps for the tile's own elements, forms D = p - eps and
+   adds |D| and D^2 into per-program partial sums (loss, L1);
+3. with gradients: G~ = sign D + 2 D (L2 without its 1/(M K), applied once to the K x K sums
+   instead of to M x K elements), adds its column sums into db_d's partial, and for every
+   K-slice adds G~^T x_noisy (x_noisy regenerated) into the program's own rows n of a
+   per-group partial dW_d buffer.
+
+Gradients in the same pass, not in a second kernel (a choice made by reasoning: it was written
+on a machine without a GPU, and the interpreter's speed says nothing about a GPU's). The p tile,
+and so G, of a (row block, column block) pair exists only inside the program that computed it,
+and G may not be written out (M x K). A second kernel owning a dW_d tile (n, k) would need
+G[m, n] for every m: it would recompute p, a third M x K x K GEMM above the two-GEMM floor
+(docs/method.md section 4), or even once per k-block if it kept its dW_d tile in registers.
+The same pass costs instead (a) accumulating dW_d's rows n in global memory, one read and write
+of a BLOCK_N x K float32 strip per row block ((M / BLOCK_M) K^2 8 bytes in all, mostly L2
+hits), and (b) generating eps twice per (element, column block) rather than once; a second
+kernel recomputing p would pay (b) as well. The RNG is the cost to watch: Philox is 10 rounds
+of 32-bit multiplies per element, regenerated K / BLOCK_N times, against 2 BLOCK_N tensor-core
+FLOPs per regenerated element, so wide column blocks (BLOCK_N = 128, 256) matter. To be
+measured and tuned on an H100 / H200.
+
+Determinism: no atomics. Each group owns its partial dW_d / db_d slice and each program its
+loss partial; the slices are summed in a fixed order afterwards (torch.sum over a fixed-shape
+buffer is deterministic). The result depends on the config (block sizes, S), which is fixed
+per shape once autotuned (DREP_TRITON_AUTOTUNE=0 pins it across processes).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import _common
+from ._common import join_scalar
+
+
+@triton.jit
+def _eps_tile(
+    noise_ptr, offs_m, offs_k, mask, K, seed, stride_em, stride_ek, HAS_NOISE: tl.constexpr, DTYPE: tl.constexpr,
+):
+    """eps at rows offs_m, columns offs_k: the given noise, or N1's tl.randn(seed, m K + k)."""
+    if HAS_NOISE:
+        ptrs = noise_ptr + offs_m[:, None] * stride_em + offs_k[None, :] * stride_ek
+        eps = tl.load(ptrs, mask=mask, other=0.0).to(DTYPE)
+    else:
+        eps = tl.randn(seed, offs_m[:, None] * K + offs_k[None, :]).to(DTYPE)
+    return eps
+
+
+@triton.jit
+def _noisy_tile(
+    x_ptr, noise_ptr, offs_m, offs_k, mask, K, seed, a, s,
+    stride_xm, stride_xk, stride_em, stride_ek, HAS_NOISE: tl.constexpr, DTYPE: tl.constexpr,
+):
+    """x_noisy = a x + s eps (L1), 0 outside the matrix (out-of-range eps is not 0)."""
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
+    eps = _eps_tile(noise_ptr, offs_m, offs_k, mask, K, seed, stride_em, stride_ek, HAS_NOISE, DTYPE)
+    return tl.where(mask, a * x.to(DTYPE) + s * eps, 0.0)
+
+
+@triton.jit
+def _denoise_loss_fwd_kernel(
+    x_ptr, wd_ptr, bd_ptr, noise_ptr,
+    loss_part_ptr, dw_part_ptr, db_part_ptr,
+    M, K, seed, a_hi, a_lo, s_hi, s_lo,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_em, stride_ek,
+    loss_part_stride,
+    HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # L1: p = (a x + s eps) W_d^T + b_d, D = p - eps, partial sums of |D| and D^2.
+    # L2 (COMPUTE_GRAD): partial sums of G~ = sign D + 2 D over rows (db_d) and of G~^T x_noisy (dW_d).
+    pid_s = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    num_groups = tl.num_programs(0)
+    a = join_scalar(a_hi, a_lo, DTYPE)
+    s = join_scalar(s_hi, s_lo, DTYPE)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < K
+    if HAS_BIAS:
+        bias = tl.load(bd_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(DTYPE)
+    abs_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=DTYPE)
+    sq_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=DTYPE)
+    db_acc = tl.zeros((BLOCK_N,), dtype=DTYPE)
+
+    for mb in range(pid_s, tl.cdiv(M, BLOCK_M), num_groups):
+        # int64 rows: the flat index m K + k of N1 (and row offsets) overflow int32 for big M K.
+        offs_m = tl.to_tensor(mb).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=DTYPE)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            xn = _noisy_tile(
+                x_ptr, noise_ptr, offs_m, offs_k, mask_m[:, None] & mask_k[None, :], K, seed, a, s,
+                stride_xm, stride_xk, stride_em, stride_ek, HAS_NOISE, DTYPE,
+            )
+            # The W_d^T tile: element (k, n) is W_d[n, k].
+            w_ptrs = wd_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(DTYPE)
+            acc = tl.dot(xn, w, acc, input_precision=INPUT_PRECISION)
+        if HAS_BIAS:
+            acc += bias[None, :]
+        mask_mn = mask_m[:, None] & mask_n[None, :]
+        # The output tile's own eps: p's column n is eps's column n (both have width K).
+        eps = _eps_tile(noise_ptr, offs_m, offs_n, mask_mn, K, seed, stride_em, stride_ek, HAS_NOISE, DTYPE)
+        d = tl.where(mask_mn, acc - eps, 0.0)
+        abs_acc += tl.abs(d)
+        sq_acc += d * d
+        if COMPUTE_GRAD:
+            g = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)).to(DTYPE) + 2.0 * d  # sign(0) = 0
+            db_acc += tl.sum(g, axis=0)
+            g_t = tl.trans(g)
+            dw_rows = dw_part_ptr + pid_s.to(tl.int64) * K * K + offs_n[:, None].to(tl.int64) * K
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < K
+                xn = _noisy_tile(
+                    x_ptr, noise_ptr, offs_m, offs_k, mask_m[:, None] & mask_k[None, :], K, seed, a, s,
+                    stride_xm, stride_xk, stride_em, stride_ek, HAS_NOISE, DTYPE,
+                )
+                ptrs = dw_rows + offs_k[None, :]
+                mask_nk = mask_n[:, None] & mask_k[None, :]
+                part = tl.load(ptrs, mask=mask_nk, other=0.0)
+                part = tl.dot(g_t, xn, part, input_precision=INPUT_PRECISION)
+                tl.store(ptrs, part, mask=mask_nk)
+                # This program alone owns these dW_d rows, but the threads that store an element
+                # need not be the ones that load it for the next row block: make the stores
+                # visible block-wide before that read (a __syncthreads; no-op when interpreted).
+                tl.debug_barrier()
+
+    loss_idx = pid_s.to(tl.int64) * loss_part_stride + pid_n
+    tl.store(loss_part_ptr + 2 * loss_idx, tl.sum(tl.sum(abs_acc, axis=1), axis=0))
+    tl.store(loss_part_ptr + 2 * loss_idx + 1, tl.sum(tl.sum(sq_acc, axis=1), axis=0))
+    if COMPUTE_GRAD:
+        if HAS_BIAS:
+            tl.store(db_part_ptr + pid_s.to(tl.int64) * K + offs_n, db_acc, mask=mask_n)
+
+
+# H100 / H200 candidates (untuned here: no GPU on the machine this was written on). BLOCK_N
+# large amortises eps generation (each x_noisy element is regenerated once per column block).
+_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+    for bm, bn, bk, w, st in [
+        (64, 128, 32, 4, 3),
+        (128, 128, 32, 8, 3),
+        (64, 256, 32, 8, 3),
+        (128, 64, 64, 4, 3),
+        (128, 128, 64, 8, 2),
+        (64, 64, 64, 4, 4),
+    ]
+]
+_DEFAULT = _CONFIGS[1]
+_INTERPRET = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+_ACTIVE = _common.config(_CONFIGS, _DEFAULT, _INTERPRET)
+_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _ACTIVE)
+_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _ACTIVE)
+
+_kernel = triton.autotune(configs=_ACTIVE, key=["M", "K", "COMPUTE_GRAD", "HAS_NOISE"], reset_to_zero=["dw_part_ptr"])(
+    _denoise_loss_fwd_kernel
+)
+
+# Upper bound of the partial dW_d buffers (groups x K x K floats) beyond one group's K x K.
+_PARTIAL_BYTES = 256 * 2**20
+
+
+def _num_groups(M: int, K: int, device: torch.device, itemsize: int) -> int:
+    """Row-block groups S for the gradient pass: enough programs (S x column blocks) to fill
+    the GPU twice over, no more groups than row blocks, partial buffers bounded in memory."""
+    m_blocks = triton.cdiv(M, _MIN_BLOCK_M)
+    if _common.INTERPRET:
+        # Several groups with several row blocks each, so small test shapes cover both.
+        return max(1, min(3, m_blocks))
+    want = triton.cdiv(2 * _common.sm_count(device), triton.cdiv(K, 128))
+    cap = max(1, _PARTIAL_BYTES // max(1, K * K * itemsize))
+    return max(1, min(want, m_blocks, cap))
+
+
+def denoise_loss_fwd(
+    x: Tensor,
+    denoise_weight: Tensor,
+    denoise_bias: Optional[Tensor],
+    a: float,
+    s: float,
+    noise: Optional[Tensor],
+    seed: Tensor,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Loss (L1) and, if asked, dL/dW_d and dL/db_d (L2); the torch backend's contract.
+
+    x: (M, K) float16/bfloat16/float32/float64, any strides; denoise_weight: (K, K);
+    denoise_bias: (K,) or None; noise: (M, K) or None (any float dtype, any strides); seed: 0-d
+    int64 CPU tensor, read on the host. Computed in float32 (float64 for float64 inputs).
+    Returns loss (0-d), grad_weight (K, K), grad_bias (K,) in the compute dtype; the gradients
+    are empty when ``compute_grad`` is False (grad_bias also without a bias).
+    """
+    _common.check_device(x, denoise_weight, denoise_bias, noise)
+    cdt = _common.compute_dtype(x.dtype)
+    M, K = x.shape
+    n = M * K
+    has_bias = denoise_bias is not None
+
+    def empty():  # a fresh tensor each: a custom op's outputs must not alias each other
+        return x.new_empty(0, dtype=cdt)
+
+    if n == 0:  # an empty batch has loss 0 and zero gradients
+        loss = x.new_zeros((), dtype=cdt)
+        if not compute_grad:
+            return loss, empty(), empty()
+        return loss, x.new_zeros((K, K), dtype=cdt), (x.new_zeros(K, dtype=cdt) if has_bias else empty())
+
+    groups = _num_groups(M, K, x.device, torch.finfo(cdt).bits // 8) if compute_grad else None
+    rows = groups if compute_grad else triton.cdiv(M, _MIN_BLOCK_M)
+    cols = triton.cdiv(K, _MIN_BLOCK_N)
+    # (|D| sum, D^2 sum) per program; zeros where a config's grid is smaller than the bound.
+    loss_part = torch.zeros((rows, cols, 2), dtype=cdt, device=x.device)
+    dw_part = torch.zeros((groups, K, K) if compute_grad else (1,), dtype=cdt, device=x.device)
+    db_part = torch.zeros((groups, K) if compute_grad and has_bias else (1,), dtype=cdt, device=x.device)
+
+    def grid(meta):
+        m_programs = groups if compute_grad else triton.cdiv(M, meta["BLOCK_M"])
+        return (m_programs, triton.cdiv(K, meta["BLOCK_N"]))
+
+    a_hi, a_lo = _common.split_scalar(a)
+    s_hi, s_lo = _common.split_scalar(s)
+    bias = denoise_bias if has_bias else denoise_weight  # placeholder pointer, never read
+    eps = noise if noise is not None else x
+    _kernel[grid](
+        x, denoise_weight, bias, eps,
+        loss_part, dw_part, db_part,
+        M, K, int(seed) if noise is None else 0, a_hi, a_lo, s_hi, s_lo,
+        x.stride(0), x.stride(1), denoise_weight.stride(0), denoise_weight.stride(1),
+        denoise_bias.stride(0) if has_bias else 0, eps.stride(0), eps.stride(1),
+        cols,
+        HAS_BIAS=has_bias, HAS_NOISE=noise is not None, COMPUTE_GRAD=compute_grad,
+        DTYPE=tl.float64 if cdt == torch.float64 else tl.float32,
+        INPUT_PRECISION=_common.input_precision(cdt),
+    )
+    # Fixed-order reductions of the partials (deterministic), the mean's 1 / (M K) applied once.
+    loss = loss_part.to(torch.float64).sum().div(n).to(cdt)
+    if not compute_grad:
+        return loss, empty(), empty()
+    grad_weight = (dw_part[0] if groups == 1 else dw_part.sum(0)).mul_(1.0 / n)
+    grad_bias = (db_part[0] if groups == 1 else db_part.sum(0)).mul_(1.0 / n) if has_bias else empty()
+    return loss, grad_weight, grad_bias

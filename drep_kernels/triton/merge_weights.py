@@ -1,0 +1,277 @@
+"""Triton weight merge (docs/method.md, M1, M2) and its backward (M3..M5).
+
+All five formulas are one GEMM shape with an epilogue, so one kernel serves them:
+
+    out[r, n]  = c_add Add[r, n] + c_mul (sum_k A[r, k] B[k, n] + u[r] v[n])    n < N
+    out_col[r] = add_col[r]      + c_mul  sum_k A[r, k] b_col[k]                  (HAS_BCOL)
+
+b_col is an extra column N of B: the bias column of [W_d | b_d], so M2's W b_d is computed in
+the same launch and tiles as M1's W W_d. A and B are read through strides, so W^T and W_d^T
+cost no copy. Accumulation in float32 (float64 for float64 weights); out is stored in its
+buffer's dtype (the weight's for the forward, the compute dtype for the gradients).
+
+    M1, M2: A = W,     B = W_d,   b_col = b_d, Add = W,   add_col = b,  c_add = c3, c_mul = -c1
+    M3:     A = G_W,   B = W_d^T, u = g_b, v = b_d,       Add = G_W,    c_add = c3, c_mul = -c1
+    M4, M5: A = W^T,   B = G_W,   b_col = g_b,                          c_add = 0,  c_mul = -c1
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import _common
+from ._common import join_scalar
+
+
+@triton.jit
+def _merge_gemm_kernel(
+    a_ptr, b_ptr, bcol_ptr, add_ptr, addcol_ptr, u_ptr, v_ptr, out_ptr, outcol_ptr,
+    R, N, KR,
+    stride_ar, stride_ak, stride_bk, stride_bn, stride_bcol, stride_addr, stride_addn, stride_addcol,
+    stride_u, stride_v, stride_outr, stride_outn, stride_outcol,
+    c_add_hi, c_add_lo, c_mul_hi, c_mul_lo,
+    HAS_BCOL: tl.constexpr, HAS_ADD: tl.constexpr, HAS_ADDCOL: tl.constexpr, HAS_RANK1: tl.constexpr,
+    DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_R: tl.constexpr,
+):
+    # M1/M2: [W' | b'] = c3 [W | b] - c1 W [W_d | b_d];  M3: c3 G_W - c1 (G_W W_d^T + g_b b_d^T);
+    # M4/M5: [dW_d | db_d] = -c1 W^T [G_W | g_b].
+    pid = tl.program_id(0)
+    if HAS_BCOL:
+        n_ext = N + 1  # the output's columns, the extra bias column included
+    else:
+        n_ext = N
+    num_pid_r = tl.cdiv(R, BLOCK_R)
+    num_pid_n = tl.cdiv(n_ext, BLOCK_N)
+    # Grouped order: GROUP_R row blocks share each B column block while it is in L2.
+    num_pid_in_group = GROUP_R * num_pid_n
+    first_r = (pid // num_pid_in_group) * GROUP_R
+    group_size = min(num_pid_r - first_r, GROUP_R)
+    pid_r = first_r + (pid % num_pid_in_group) % group_size
+    pid_n = (pid % num_pid_in_group) // group_size
+
+    offs_r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_r = offs_r < R
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=DTYPE)
+    for k0 in range(0, KR, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < KR
+        a = tl.load(
+            a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+            mask=mask_r[:, None] & mask_k[None, :], other=0.0,
+        ).to(DTYPE)
+        b = tl.load(
+            b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+            mask=mask_k[:, None] & mask_n[None, :], other=0.0,
+        ).to(DTYPE)
+        if HAS_BCOL:
+            bcol = tl.load(bcol_ptr + offs_k * stride_bcol, mask=mask_k, other=0.0).to(DTYPE)
+            b = tl.where(offs_n[None, :] == N, bcol[:, None], b)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    c_mul = join_scalar(c_mul_hi, c_mul_lo, DTYPE)
+    if HAS_RANK1:
+        u = tl.load(u_ptr + offs_r * stride_u, mask=mask_r, other=0.0).to(DTYPE)
+        v = tl.load(v_ptr + offs_n * stride_v, mask=mask_n, other=0.0).to(DTYPE)
+        acc += u[:, None] * v[None, :]
+    val = c_mul * acc
+    mask = mask_r[:, None] & mask_n[None, :]
+    if HAS_ADD:
+        c_add = join_scalar(c_add_hi, c_add_lo, DTYPE)
+        add = tl.load(add_ptr + offs_r[:, None] * stride_addr + offs_n[None, :] * stride_addn, mask=mask, other=0.0)
+        val += c_add * add.to(DTYPE)
+    out_ptrs = out_ptr + offs_r[:, None] * stride_outr + offs_n[None, :] * stride_outn
+    tl.store(out_ptrs, val.to(out_ptr.dtype.element_ty), mask=mask)
+    if HAS_BCOL:
+        # Only the last column block holds column N; elsewhere the store is fully masked.
+        col = tl.sum(tl.where(offs_n[None, :] == N, c_mul * acc, 0.0), axis=1)
+        if HAS_ADDCOL:
+            col += tl.load(addcol_ptr + offs_r * stride_addcol, mask=mask_r, other=0.0).to(DTYPE)
+        has_col = (pid_n.to(tl.int64) + 1) * BLOCK_N > N
+        tl.store(outcol_ptr + offs_r * stride_outcol, col.to(outcol_ptr.dtype.element_ty), mask=mask_r & has_col)
+
+
+_CONFIGS = [
+    triton.Config({"BLOCK_R": br, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_R": 8}, num_warps=w, num_stages=st)
+    for br, bn, bk, w, st in [
+        (128, 128, 32, 8, 3),
+        (128, 256, 32, 8, 3),
+        (64, 128, 32, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (128, 128, 64, 8, 3),
+    ]
+]
+_DEFAULT = _CONFIGS[0]
+_INTERPRET = triton.Config({"BLOCK_R": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_R": 2}, num_warps=4, num_stages=1)
+_kernel = triton.autotune(
+    configs=_common.config(_CONFIGS, _DEFAULT, _INTERPRET),
+    key=["R", "N", "KR", "HAS_BCOL", "HAS_ADD", "HAS_RANK1"],
+)(_merge_gemm_kernel)
+
+
+def _scalars(c_add: float, c_mul: float) -> tuple[float, float, float, float]:
+    return (*_common.split_scalar(c_add), *_common.split_scalar(c_mul))
+
+
+def _stride(t: Optional[Tensor], dim: int = 0) -> int:
+    return t.stride(dim) if t is not None else 0
+
+
+def _gemm(
+    a: Tensor,
+    b: Tensor,
+    out: Tensor,
+    c_mul: float,
+    cdt: torch.dtype,
+    *,
+    bcol: Optional[Tensor] = None,
+    outcol: Optional[Tensor] = None,
+    add: Optional[Tensor] = None,
+    c_add: float = 0.0,
+    addcol: Optional[Tensor] = None,
+    u: Optional[Tensor] = None,
+    v: Optional[Tensor] = None,
+) -> None:
+    """out = c_add add + c_mul (a @ b + u v^T); outcol = addcol + c_mul a @ bcol (see the module doc)."""
+    R, KR = a.shape
+    N = b.shape[1]
+    if R == 0 or (N == 0 and bcol is None):
+        return
+    if KR == 0 and add is None and addcol is None:
+        # No product terms: zero the outputs (a grid over an empty reduction works too, but a
+        # 0 x 0 operand is not worth a launch).
+        out.zero_()
+        if outcol is not None:
+            outcol.zero_()
+        return
+    has_bcol = bcol is not None
+
+    def grid(meta):
+        return (triton.cdiv(R, meta["BLOCK_R"]) * triton.cdiv(N + has_bcol, meta["BLOCK_N"]),)
+
+    placeholder = out
+    _kernel[grid](
+        a, b, bcol if has_bcol else placeholder, add if add is not None else placeholder,
+        addcol if addcol is not None else placeholder, u if u is not None else placeholder,
+        v if v is not None else placeholder, out, outcol if outcol is not None else placeholder,
+        R, N, KR,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), _stride(bcol), _stride(add, 0), _stride(add, 1),
+        _stride(addcol), _stride(u), _stride(v), out.stride(0), out.stride(1), _stride(outcol),
+        *_scalars(c_add, c_mul),
+        HAS_BCOL=has_bcol, HAS_ADD=add is not None, HAS_ADDCOL=addcol is not None, HAS_RANK1=u is not None,
+        DTYPE=tl.float64 if cdt == torch.float64 else tl.float32,
+        INPUT_PRECISION=_common.input_precision(cdt),
+    )
+
+
+def merge_weights_fwd(
+    weight: Tensor,
+    bias: Optional[Tensor],
+    denoise_weight: Tensor,
+    denoise_bias: Optional[Tensor],
+    c1: float,
+    c3: float,
+) -> tuple[Tensor, Tensor]:
+    """W' = c3 W - c1 W W_d and b' = b - c1 W b_d (M1, M2) in one launch, computed in float32
+    (float64 for float64 weights) and returned in the weight's dtype.
+
+    weight: (out, K); bias: (out,) or None; denoise_weight: (K, K); denoise_bias: (K,) or None.
+    b' is a 0-element tensor when neither b nor b_d exists.
+    """
+    _common.check_device(weight, bias, denoise_weight, denoise_bias)
+    merged_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    if denoise_bias is not None:
+        merged_bias = weight.new_empty(weight.shape[0])
+    elif bias is not None:
+        merged_bias = bias.clone()  # b' = b: a copy, never an alias of an input
+    else:
+        merged_bias = weight.new_empty(0)
+    _gemm(
+        weight, denoise_weight, merged_weight, -c1, _common.compute_dtype(weight.dtype),
+        add=weight, c_add=c3,
+        bcol=denoise_bias, outcol=merged_bias if denoise_bias is not None else None,
+        addcol=bias if denoise_bias is not None else None,
+    )
+    return merged_weight, merged_bias
+
+
+def _merge_weights_bwd(
+    grad_merged_weight: Tensor,
+    grad_merged_bias: Optional[Tensor],
+    weight: Tensor,
+    denoise_weight: Tensor,
+    denoise_bias: Optional[Tensor],
+    c1: float,
+    c3: float,
+    need_weight: bool,
+    need_denoise: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    # Registered as an op (below), not called directly: drep::merge_weights' autograd formula
+    # calls the backend's merge_weights_bwd, and when AOTAutograd / torch.compile trace that
+    # backward the launcher would otherwise receive fake tensors and launch on them.
+    _common.check_device(grad_merged_weight, grad_merged_bias, weight, denoise_weight, denoise_bias)
+    cdt = _common.compute_dtype(weight.dtype)
+    # Fresh empties, never one shared tensor: a custom op's outputs must not alias each other.
+    grad_weight, grad_dw, grad_db = (weight.new_empty(0, dtype=cdt) for _ in range(3))
+    rank_one = grad_merged_bias is not None and denoise_bias is not None
+    if need_weight:
+        grad_weight = weight.new_empty(weight.shape, dtype=cdt)
+        _gemm(
+            grad_merged_weight, denoise_weight.t(), grad_weight, -c1, cdt,
+            add=grad_merged_weight, c_add=c3,
+            u=grad_merged_bias if rank_one else None, v=denoise_bias if rank_one else None,
+        )
+    if need_denoise:
+        K = weight.shape[1]
+        grad_dw = weight.new_empty((K, K), dtype=cdt)
+        if rank_one:
+            grad_db = weight.new_empty(K, dtype=cdt)
+        _gemm(
+            weight.t(), grad_merged_weight, grad_dw, -c1, cdt,
+            bcol=grad_merged_bias if rank_one else None, outcol=grad_db if rank_one else None,
+        )
+    return grad_weight, grad_dw, grad_db
+
+
+_merge_weights_bwd_op = torch.library.custom_op("drep::triton_merge_weights_bwd", mutates_args=())(_merge_weights_bwd)
+
+
+@_merge_weights_bwd_op.register_fake
+def _(grad_merged_weight, grad_merged_bias, weight, denoise_weight, denoise_bias, c1, c3, need_weight, need_denoise):
+    cdt = _common.compute_dtype(weight.dtype)
+    rank_one = grad_merged_bias is not None and denoise_bias is not None
+    return (
+        weight.new_empty(weight.shape if need_weight else (0,), dtype=cdt),
+        weight.new_empty(denoise_weight.shape if need_denoise else (0,), dtype=cdt),
+        weight.new_empty((weight.shape[1],) if need_denoise and rank_one else (0,), dtype=cdt),
+    )
+
+
+def merge_weights_bwd(
+    grad_merged_weight: Tensor,
+    grad_merged_bias: Optional[Tensor],
+    weight: Tensor,
+    denoise_weight: Tensor,
+    denoise_bias: Optional[Tensor],
+    c1: float,
+    c3: float,
+    need_weight: bool,
+    need_denoise: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients through the merge (M3..M5) in the compute dtype; the torch backend's contract.
+
+    grad_merged_weight: (out, K) G_W; grad_merged_bias: (out,) g_b or None; weight: (out, K);
+    denoise_weight: (K, K); denoise_bias: (K,) or None. Returns (dW (out, K), dW_d (K, K),
+    db_d (K,)), each empty unless asked for (db_d also when b_d or g_b is absent). M3 is one
+    launch, M4 with M5 another.
+    """
+    return _merge_weights_bwd_op(
+        grad_merged_weight, grad_merged_bias, weight, denoise_weight, denoise_bias, c1, c3, need_weight, need_denoise
+    )

@@ -1,0 +1,153 @@
+"""drep::denoise_loss on every CPU backend: L1 / L2 against the float64 oracle, noise, errors."""
+import pytest
+import torch
+from torch.library import opcheck
+
+import oracle
+from conftest import TOLERANCES, assert_close, cpu_backends
+from drep_kernels import Schedule, ops, rng
+
+BACKENDS = cpu_backends("denoise_loss")
+CO = Schedule().coefficients(5)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv("DREP_BACKEND", request.param)
+    return request.param
+
+
+def _inputs(shape, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = shape[-1]
+    x = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    wd = (torch.randn(k, k, generator=g, dtype=torch.float64) / k**0.5).to(dtype).requires_grad_(True)
+    bd = (torch.randn(k, generator=g, dtype=torch.float64) * 0.1).to(dtype).requires_grad_(True) if bias else None
+    eps = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    return x, wd, bd, eps
+
+
+def _check_against_oracle(x, wd, bd, eps, dtype, a=CO.a, s=CO.s):
+    loss = ops.denoise_loss(x, wd, bd, a, s, noise=eps)
+    params = [wd] + ([bd] if bd is not None else [])
+    grads = torch.autograd.grad(loss, params)
+    e_loss, e_gw, e_gb = oracle.denoise_loss_grads(x, wd, bd, a, s, eps)
+    rtol, atol = TOLERANCES[dtype]
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(loss, e_loss, rtol, atol, "loss")
+    assert_close(grads[0], e_gw, rtol, atol, "dW_d")
+    if bd is not None:
+        assert_close(grads[1], e_gb, rtol, atol, "db_d")
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 7), (130, 33), (2, 9, 127), (5, 768)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_oracle(backend, shape, dtype):
+    _check_against_oracle(*_inputs(shape, dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_matches_oracle(backend, dtype):
+    _check_against_oracle(*_inputs((3, 11, 33), dtype), dtype)
+
+
+def test_without_bias(backend):
+    _check_against_oracle(*_inputs((13, 17), torch.float64, bias=False), torch.float64)
+
+
+def test_non_contiguous_input(backend):
+    x, wd, bd, eps = _inputs((33, 40), torch.float64)
+    x_view = x.T.contiguous().T[:, ::2]  # column-major and strided
+    eps_view = eps[:, ::2]
+    wd2 = (torch.randn(20, 20, dtype=torch.float64) / 5).requires_grad_(True)
+    bd2 = torch.randn(20, dtype=torch.float64).requires_grad_(True)
+    _check_against_oracle(x_view, wd2, bd2, eps_view, torch.float64)
+
+
+def test_empty_batch_gives_zero_loss_and_zero_grads(backend):
+    x, wd, bd, eps = _inputs((0, 9), torch.float32)
+    loss = ops.denoise_loss(x, wd, bd, CO.a, CO.s, noise=eps)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.equal(wd.grad, torch.zeros_like(wd)) and torch.equal(bd.grad, torch.zeros_like(bd))
+    loss = ops.denoise_loss(torch.zeros(2, 0, 9), wd, bd, CO.a, CO.s, seed=3)
+    assert loss.item() == 0.0
+
+
+def test_x_gets_no_gradient(backend):
+    x, wd, bd, eps = _inputs((4, 6), torch.float64)
+    x.requires_grad_(True)
+    loss = ops.denoise_loss(x, wd, bd, CO.a, CO.s, noise=eps)
+    assert torch.autograd.grad(loss, x, allow_unused=True)[0] is None
+
+
+def test_gradcheck(backend):
+    # L1 is |D|: gradcheck's finite differences are valid where no D crosses 0. With eps = 0
+    # and a large b_d, D = a x W_d^T + b_d stays far from 0 for these small perturbations.
+    x, wd, _, _ = _inputs((5, 4), torch.float64)
+    bd = torch.full((4,), 3.0, dtype=torch.float64, requires_grad=True)
+    eps = torch.zeros(5, 4, dtype=torch.float64)
+    fn = lambda w, b: ops.denoise_loss(x, w, b, CO.a, CO.s, noise=eps)
+    assert torch.autograd.gradcheck(fn, (wd, bd))
+
+
+def test_seeded_noise_is_the_counter_stream(backend):
+    x, wd, bd, _ = _inputs((6, 10), torch.float64)
+    seeded = ops.denoise_loss(x, wd, bd, CO.a, CO.s, seed=1234)
+    eps = rng.normal(1234, 6, 10).double()
+    explicit = ops.denoise_loss(x, wd, bd, CO.a, CO.s, noise=eps)
+    assert_close(seeded, explicit, 1e-6, 1e-7, "seeded vs explicit noise")
+
+
+def test_seeds_reproduce_and_differ(backend):
+    x, wd, bd, _ = _inputs((8, 12), torch.float32)
+    a = ops.denoise_loss(x, wd, bd, CO.a, CO.s, seed=5)
+    b = ops.denoise_loss(x, wd, bd, CO.a, CO.s, seed=5)
+    c = ops.denoise_loss(x, wd, bd, CO.a, CO.s, seed=6)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    torch.manual_seed(0)
+    d = ops.denoise_loss(x, wd, bd, CO.a, CO.s)
+    torch.manual_seed(0)
+    e = ops.denoise_loss(x, wd, bd, CO.a, CO.s)
+    assert torch.equal(d, e)
+
+
+def test_opcheck(backend):
+    x, wd, bd, eps = _inputs((7, 5), torch.float32)
+    seed = torch.tensor(11)
+    opcheck(torch.ops.drep.denoise_loss.default, (x, wd, bd, CO.a, CO.s, eps, seed, backend, True))
+    opcheck(torch.ops.drep.denoise_loss.default, (x, wd, None, CO.a, CO.s, None, seed, backend, True))
+    opcheck(torch.ops.drep.denoise_loss.default, (x, wd.detach(), bd.detach(), CO.a, CO.s, None, seed, backend, False))
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(x=torch.randn(3, 4)), ValueError, "denoise_weight must have shape"),
+        (dict(denoise_bias=torch.randn(4)), ValueError, "denoise_bias must have shape"),
+        (dict(denoise_weight=torch.randn(5, 5, dtype=torch.float64)), TypeError, "denoise_weight has dtype"),
+        (dict(x=torch.randn(3, 5, device="meta")), ValueError, "is on"),
+        (dict(x=torch.ones(3, 5, dtype=torch.int64)), TypeError, "x must be float16"),
+        (dict(a=float("nan")), ValueError, "a must be finite"),
+        (dict(s=float("inf")), ValueError, "s must be finite"),
+        (dict(noise=torch.randn(3, 4)), ValueError, "noise must have the shape"),
+        (dict(noise=torch.randn(3, 5), seed=1), ValueError, "noise or seed"),
+        (dict(seed=-1), ValueError, "seed must be"),
+    ],
+)
+def test_bad_input(kwargs, exc, match):
+    args = dict(x=torch.randn(3, 5), denoise_weight=torch.randn(5, 5), denoise_bias=torch.randn(5), a=0.9, s=0.1)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        ops.denoise_loss(
+            args.pop("x"), args.pop("denoise_weight"), args.pop("denoise_bias"), args.pop("a"), args.pop("s"), **args
+        )
+
+
+def test_forced_backend_unavailable_is_an_error(monkeypatch):
+    monkeypatch.setenv("DREP_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="DREP_BACKEND='cuda' cannot run"):
+        ops.denoise_loss(torch.randn(2, 3), torch.zeros(3, 3), None, 0.9, 0.1, seed=1)
+    monkeypatch.setenv("DREP_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="is not one of"):
+        ops.denoise_loss(torch.randn(2, 3), torch.zeros(3, 3), None, 0.9, 0.1, seed=1)

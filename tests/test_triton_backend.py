@@ -1,0 +1,404 @@
+"""The triton backend (drep_kernels/triton) against the float64 oracle.
+
+On a machine without CUDA these run the kernels on CPU tensors under TRITON_INTERPRET=1 (set
+by conftest.py before anything imports triton), which is slow: shapes stay small, and the
+sizes (1, 7, 33, 130) are chosen to be multiples of no block size. float16 / bfloat16 inputs are
+computed in float32 by this backend and are exactly representable there, so their float32
+results are held to the float32 tolerance; outputs stored in half precision (the merged weights)
+to their own dtype's.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+import drep_kernels  # noqa: E402
+from drep_kernels import rng  # noqa: E402
+from drep_kernels.backends import implements, kernels, select  # noqa: E402
+from drep_kernels.triton.denoise_loss import _eps_tile  # noqa: E402
+
+import oracle  # noqa: E402
+from conftest import TOLERANCES, assert_close  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+A, S = 0.8, 0.6  # noising scales (any finite values; these keep p and eps of one size)
+C1, C3 = 0.03, 1.01
+
+
+def _tol(dtype: torch.dtype, stored: torch.dtype | None = None) -> tuple[float, float]:
+    """(rtol, atol) for a result computed by this backend from inputs of ``dtype`` and stored in
+    ``stored`` (default: the compute dtype)."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    return TOLERANCES[stored if stored is not None else compute]
+
+
+def _close(actual, expected, dtype, name, stored=None):
+    # The tolerance's atol is for O(1) values; here it is scaled by the tensor's largest element:
+    # gradients are O(1 / (M K)), far below any fixed atol, and their elements that cancel to
+    # ~0 need a bound of the tensor's scale, not of their own.
+    rtol, atol = _tol(dtype, stored)
+    scale = float(expected.detach().abs().max()) if expected.numel() else 1.0
+    assert_close(actual, expected, rtol, atol * scale, name)
+
+
+def _denoise_inputs(M, K, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(K, K, generator=g) / max(K, 1) ** 0.5).to(DEVICE, dtype)
+    b = torch.randn(K, generator=g).to(DEVICE, dtype) if bias else None
+    eps = torch.randn(M, K, generator=g).to(DEVICE, dtype)
+    return x, w, b, eps
+
+
+def _triton(monkeypatch):
+    monkeypatch.setenv("DREP_BACKEND", "triton")
+
+
+def test_registry_sees_triton():
+    assert implements("triton", "denoise_loss", DEVICE)
+    assert implements("triton", "merge_weights", DEVICE)
+    assert "triton" in drep_kernels.backends()
+
+
+# ---------------------------------------------------------------- denoising loss (L1, L2)
+
+DENOISE_CASES = [
+    # (M, K, dtype, bias)
+    (1, 1, torch.float32, True),
+    (7, 33, torch.float32, True),
+    (130, 7, torch.float32, False),
+    (33, 130, torch.float32, True),
+    (130, 33, torch.float64, True),
+    (7, 1, torch.float64, False),
+    (33, 7, torch.bfloat16, True),
+    (130, 33, torch.float16, True),
+]
+
+
+@pytest.mark.parametrize("M,K,dtype,bias", DENOISE_CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_denoise_loss_kernel_vs_oracle(M, K, dtype, bias):
+    x, w, b, eps = _denoise_inputs(M, K, dtype, bias)
+    loss, gw, gb = kernels("triton").denoise_loss_fwd(x, w, b, A, S, eps, torch.tensor(0), True)
+    ref_loss, ref_gw, ref_gb = oracle.denoise_loss_grads(x, w, b, A, S, eps)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.dtype == gw.dtype == compute and loss.shape == () and gw.shape == (K, K)
+    _close(loss, ref_loss, dtype, "loss")
+    _close(gw, ref_gw, dtype, "dL/dW_d")
+    if bias:
+        _close(gb, ref_gb, dtype, "dL/db_d")
+    else:
+        assert gb.numel() == 0
+
+
+def test_denoise_loss_without_grad_does_no_gradient_work():
+    x, w, b, eps = _denoise_inputs(33, 7, torch.float32)
+    loss, gw, gb = kernels("triton").denoise_loss_fwd(x, w, b, A, S, eps, torch.tensor(0), False)
+    assert gw.numel() == 0 and gb.numel() == 0
+    _close(loss, oracle.denoise_loss(x, w, b, A, S, eps), torch.float32, "loss")
+
+
+def test_denoise_loss_public_op_3d_noncontiguous(monkeypatch):
+    _triton(monkeypatch)
+    K = 33
+    g = torch.Generator().manual_seed(1)
+    # (2, 5, K) views with strides (K, 2 * 2 K, 1) and (1, 2 K..., 2): neither is contiguous.
+    x = torch.randn(5, 2, 2 * K, generator=g).to(DEVICE).transpose(0, 1)[..., ::2]
+    eps = torch.randn(2, 5, K, 2, generator=g).to(DEVICE)[..., 1]
+    w0 = (torch.randn(K, K, generator=g) / K**0.5).to(DEVICE)
+    w = w0.t().contiguous().t().requires_grad_(True)  # column-major W_d
+    b = torch.randn(K, generator=g).to(DEVICE).requires_grad_(True)
+    assert not x.is_contiguous() and not eps.is_contiguous() and not w.is_contiguous()
+    assert select("denoise_loss", x.device) == "triton"
+    loss = drep_kernels.ops.denoise_loss(x, w, b, A, S, noise=eps)
+    loss.backward()
+    ref_loss, ref_gw, ref_gb = oracle.denoise_loss_grads(x, w, b, A, S, eps)
+    _close(loss, ref_loss, torch.float32, "loss")
+    _close(w.grad, ref_gw, torch.float32, "W_d.grad")
+    _close(b.grad, ref_gb, torch.float32, "b_d.grad")
+
+
+def test_denoise_loss_empty_batch(monkeypatch):
+    _triton(monkeypatch)
+    w = torch.randn(7, 7, device=DEVICE, requires_grad=True)
+    b = torch.randn(7, device=DEVICE, requires_grad=True)
+    loss = drep_kernels.ops.denoise_loss(torch.randn(3, 0, 7, device=DEVICE), w, b, A, S, seed=5)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_denoise_loss_seeded_matches_torch_backend(monkeypatch):
+    """In-kernel eps (N1) is drep_kernels.rng's stream: the same seed gives the torch backend's
+    loss and gradients to the rounding of log / cos (~4e-7 in eps)."""
+    M, K = 33, 130
+    x, w, b, _ = _denoise_inputs(M, K, torch.float32)
+    seed = torch.tensor(2**40 + 12345)  # above 2^32: both key words of Philox in use
+    out = kernels("triton").denoise_loss_fwd(x, w, b, A, S, None, seed, True)
+    ref = kernels("torch").denoise_loss_fwd(x, w, b, A, S, None, seed, True)
+    for got, want, name in zip(out, ref, ("loss", "dL/dW_d", "dL/db_d")):
+        assert_close(got, want, 1e-5, 1e-5 * float(want.abs().max()), name)
+
+
+def test_denoise_loss_bitwise_deterministic():
+    """Several row-block groups, each with several row blocks (the gradient partials), twice."""
+    x, w, b, _ = _denoise_inputs(130, 33, torch.float32)
+    run = lambda: kernels("triton").denoise_loss_fwd(x, w, b, A, S, None, torch.tensor(7), True)  # noqa: E731
+    first, second = run(), run()
+    for u, v in zip(first, second):
+        assert torch.equal(u, v)
+
+
+# ---------------------------------------------------------------- in-kernel noise (N1)
+
+
+@triton.jit
+def _draw_eps_kernel(out_ptr, M, K, seed, BLOCK: tl.constexpr):
+    # The loss kernel's own eps function, over tiles of an M x K matrix.
+    offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    offs_k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    eps = _eps_tile(out_ptr, offs_m, offs_k, mask, K, seed, 0, 0, False, tl.float32)
+    tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], eps, mask=mask)
+
+
+def _draw(seed: int, M: int, K: int, block: int = 32) -> torch.Tensor:
+    out = torch.empty(M, K, device=DEVICE)
+    _draw_eps_kernel[(triton.cdiv(M, block), triton.cdiv(K, block))](out, M, K, seed, BLOCK=block)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 123456789, 2**62 + 17])
+def test_noise_matches_rng_module(seed):
+    got = _draw(seed, 70, 33)
+    want = rng.normal(seed, 70, 33, device=DEVICE)
+    assert (got - want).abs().max().item() < 2e-6
+
+
+def test_noise_is_a_function_of_the_flat_index():
+    # The same seed and flat index give the same value whatever the matrix shape (and tiling).
+    assert torch.equal(_draw(3, 40, 48).reshape(-1), _draw(3, 60, 32, block=16).reshape(-1))
+
+
+def test_noise_statistics():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    eps = _draw(2024, 256, 256, block=128).double().cpu().reshape(-1)  # 65536 samples
+    n = eps.numel()
+    # mean ~ N(0, 1/n); variance ~ N(1, 2/n): 5 sigma bounds
+    assert abs(eps.mean().item()) < 5 / n**0.5
+    assert abs(eps.var().item() - 1) < 5 * (2 / n) ** 0.5
+    assert scipy_stats.kstest(eps.numpy(), "norm").pvalue > 1e-3
+
+
+def test_noise_reproducible_and_distinct():
+    a = _draw(11, 64, 64)
+    assert torch.equal(a, _draw(11, 64, 64))
+    b = _draw(12, 64, 64)
+    assert (a != b).float().mean() > 0.99
+    # Tiles are not copies of each other (the index, not the tile position, keys the stream).
+    tiles = [a[i : i + 32, j : j + 32].reshape(-1) for i in (0, 32) for j in (0, 32)]
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert (tiles[i] != tiles[j]).float().mean() > 0.99
+            assert abs(torch.corrcoef(torch.stack([tiles[i], tiles[j]]))[0, 1].item()) < 0.15
+
+
+# ---------------------------------------------------------------- merge (M1..M5)
+
+MERGE_CASES = [
+    # (out, K, dtype, bias, denoise_bias)
+    (7, 33, torch.float32, True, True),
+    (33, 130, torch.float32, False, True),
+    (130, 7, torch.float32, True, False),
+    (1, 1, torch.float32, False, False),
+    (33, 7, torch.float64, True, True),
+    (7, 33, torch.bfloat16, True, True),
+    (33, 7, torch.float16, False, True),
+]
+
+
+def _merge_inputs(out, K, dtype, bias, denoise_bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *shape: torch.randn(*shape, generator=g).to(DEVICE, dtype).requires_grad_(True)  # noqa: E731
+    return mk(out, K), mk(out) if bias else None, mk(K, K), mk(K) if denoise_bias else None
+
+
+@pytest.mark.parametrize("out,K,dtype,bias,denoise_bias", MERGE_CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_merge_vs_oracle(monkeypatch, out, K, dtype, bias, denoise_bias):
+    _triton(monkeypatch)
+    w, b, wd, bd = _merge_inputs(out, K, dtype, bias, denoise_bias)
+    assert select("merge_weights", w.device) == "triton"
+    mw, mb = drep_kernels.ops.merge_weights(w, b, wd, bd, C1, C3)
+    params = [t for t in (w, b, wd, bd) if t is not None]
+    d64 = [t.detach().double().requires_grad_(True) for t in params]
+    it = iter(d64)
+    w64, b64, wd64, bd64 = (next(it) if t is not None else None for t in (w, b, wd, bd))
+    ref_w, ref_b = oracle.merge(w64, b64, wd64, bd64, C1, C3)
+    assert mw.dtype == dtype and mw.shape == (out, K)
+    _close(mw, ref_w, dtype, "W'", stored=dtype)
+    assert (mb is None) == (ref_b is None)
+    if mb is not None:
+        _close(mb, ref_b, dtype, "b'", stored=dtype)
+
+    g = torch.Generator().manual_seed(9)
+    gw = torch.randn(out, K, generator=g).to(DEVICE, dtype)
+    gb = torch.randn(out, generator=g).to(DEVICE, dtype) if mb is not None else None
+    outs, grads = [mw] + ([mb] if mb is not None else []), [gw] + ([gb] if gb is not None else [])
+    got = torch.autograd.grad(outs, params, grads)
+    refs = [ref_w] + ([ref_b] if ref_b is not None else [])
+    want = torch.autograd.grad(refs, d64, [t.double() for t in grads])
+    for name, gt, wt in zip(("W", "b", "W_d", "b_d"), got, want):
+        # Gradients are computed in float32 and returned in the parameter's dtype.
+        _close(gt, wt, dtype, f"d/d{name}", stored=dtype)
+
+
+def test_merge_bwd_kernel_vs_reference():
+    # M3..M5 directly, in the compute dtype (no cast back), every need_* combination.
+    w, b, wd, bd = (t.detach() for t in _merge_inputs(33, 40, torch.float32, True, True))
+    g = torch.Generator().manual_seed(3)
+    gw, gb = torch.randn(33, 40, generator=g).to(DEVICE), torch.randn(33, generator=g).to(DEVICE)
+    for need_w, need_d in ((True, True), (True, False), (False, True)):
+        for g_b in (gb, None):
+            got = kernels("triton").merge_weights_bwd(gw, g_b, w, wd, bd, C1, C3, need_w, need_d)
+            want = kernels("torch").merge_weights_bwd(gw.double(), None if g_b is None else g_b.double(),
+                                                      w.double(), wd.double(), bd.double(), C1, C3, need_w, need_d)
+            for name, u, v in zip(("dW", "dW_d", "db_d"), got, want):
+                assert u.shape == v.shape, name
+                if v.numel():
+                    _close(u, v, torch.float32, name)
+
+
+def test_merge_noncontiguous(monkeypatch):
+    _triton(monkeypatch)
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(33, 2 * 7, generator=g).to(DEVICE)[:, ::2]  # (33, 7), row stride 14, col stride 2
+    wd = torch.randn(7, 7, generator=g).to(DEVICE).t()
+    bd = torch.randn(7, 2, generator=g).to(DEVICE)[:, 0]
+    b = torch.randn(33, 3, generator=g).to(DEVICE)[:, 1]
+    mw, mb = drep_kernels.ops.merge_weights(w, b, wd, bd, C1, C3)
+    ref_w, ref_b = oracle.merge(w.double(), b.double(), wd.double(), bd.double(), C1, C3)
+    _close(mw, ref_w, torch.float32, "W'")
+    _close(mb, ref_b, torch.float32, "b'")
+
+
+def test_merge_function_equals_two_step():
+    # y = x W'^T + b' is the denoise-then-layer function (the merge's reason to exist).
+    w, b, wd, bd = (t.detach() for t in _merge_inputs(33, 7, torch.float64, True, True))
+    mw, mb = kernels("triton").merge_weights_fwd(w, b, wd, bd, C1, C3)
+    x = torch.randn(5, 7, dtype=torch.float64, device=DEVICE)
+    _close(x @ mw.T + mb, oracle.two_step(x, w, b, wd, bd, C1, C3), torch.float64, "y")
+
+
+# ---------------------------------------------------------------- registration checks
+
+
+def test_opcheck_denoise_loss():
+    for M, K, bias, noise, grad in ((7, 33, True, True, True), (5, 7, False, False, True), (3, 7, True, False, False)):
+        x, w, b, eps = _denoise_inputs(M, K, torch.float32, bias)
+        w.requires_grad_(grad)
+        args = (x, w, b, A, S, eps if noise else None, torch.tensor(99), "triton", grad)
+        torch.library.opcheck(torch.ops.drep.denoise_loss.default, args)
+
+
+def test_opcheck_merge_weights():
+    for bias, denoise_bias in ((True, True), (False, True), (True, False)):
+        w, b, wd, bd = _merge_inputs(7, 33, torch.float32, bias, denoise_bias)
+        torch.library.opcheck(torch.ops.drep.merge_weights.default, (w, b, wd, bd, C1, C3, "triton"))
+    # The backward launcher's own op (what the merge's autograd formula reaches).
+    g = torch.randn(7, 33, device=DEVICE), torch.randn(7, device=DEVICE)
+    w, _, wd, bd = (t.detach() if t is not None else None for t in _merge_inputs(7, 33, torch.float32, False, True))
+    torch.library.opcheck(torch.ops.drep.triton_merge_weights_bwd.default, (*g, w, wd, bd, C1, C3, True, True))
+
+
+def test_compile_fullgraph_traces_through_the_ops(monkeypatch):
+    # aot_eager: the graph and its backward are traced (the merge's backward reaches the
+    # registered drep::triton_merge_weights_bwd, never a launcher with fake tensors) but not
+    # code-generated, so this runs under the interpreter too. Inductor on CUDA: test_gpu_*.
+    _triton(monkeypatch)
+    x, w, b, eps = _denoise_inputs(33, 7, torch.float32)
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    W = torch.randn(5, 7, device=DEVICE, requires_grad=True)
+
+    def f(x, W, w, b, eps):
+        mw, mb = drep_kernels.ops.merge_weights(W, None, w, b, C1, C3)
+        return (x @ mw.T + mb).square().mean() + drep_kernels.ops.denoise_loss(x, w, b, A, S, noise=eps)
+
+    eager = f(x, W, w, b, eps)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x, W, w, b, eps)
+    assert torch.equal(compiled, eager)
+    for u, v in zip(torch.autograd.grad(compiled, [W, w, b]), torch.autograd.grad(eager, [W, w, b])):
+        assert torch.equal(u, v)
+
+
+# ---------------------------------------------------------------- GPU only
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_large_shapes_autotuned(dtype):
+    # Autotuned configs, many row-block groups, real tensor-core tiles.
+    M, K = 4099, 515
+    x, w, b, eps = _denoise_inputs(M, K, dtype)
+    loss, gw, gb = kernels("triton").denoise_loss_fwd(x, w, b, A, S, eps, torch.tensor(0), True)
+    ref_loss, ref_gw, ref_gb = oracle.denoise_loss_grads(x, w, b, A, S, eps)
+    _close(loss, ref_loss, dtype, "loss")
+    _close(gw, ref_gw, dtype, "dL/dW_d")
+    _close(gb, ref_gb, dtype, "dL/db_d")
+    wt, bt, wd, bd = (t.detach() for t in _merge_inputs(1031, K, dtype, True, True))
+    mw, mb = kernels("triton").merge_weights_fwd(wt, bt, wd, bd, C1, C3)
+    ref_w, ref_b = oracle.merge(wt.double(), bt.double(), wd.double(), bd.double(), C1, C3)
+    _close(mw, ref_w, dtype, "W'", stored=dtype)
+    _close(mb, ref_b, dtype, "b'", stored=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_compile_fullgraph(monkeypatch):
+    _triton(monkeypatch)
+    x, w, b, eps = _denoise_inputs(257, 129, torch.float32)
+    w.requires_grad_(True)
+    W = torch.randn(65, 129, device=DEVICE, requires_grad=True)
+
+    def f(x, W, w, b, eps):
+        mw, mb = drep_kernels.ops.merge_weights(W, None, w, b, C1, C3)
+        return (x @ mw.T + mb).square().mean() + drep_kernels.ops.denoise_loss(x, w, b, A, S, noise=eps)
+
+    eager = f(x, W, w, b, eps)
+    compiled = torch.compile(f, fullgraph=True)(x, W, w, b, eps)
+    assert_close(compiled, eager, 1e-5, 1e-6, "compiled vs eager")
+    g_eager = torch.autograd.grad(eager, [W, w])
+    g_comp = torch.autograd.grad(compiled, [W, w])
+    for u, v in zip(g_comp, g_eager):
+        assert_close(u, v, 1e-5, 1e-6 * float(v.abs().max()), "grad")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_timing_report(capsys):
+    """Not a pass/fail speed bound (benchmarks/ does that): prints triton vs torch backend."""
+    from triton.testing import do_bench
+
+    M, K = 8192, 1024
+    x, w, b, _ = _denoise_inputs(M, K, torch.bfloat16)
+    seed = torch.tensor(1)
+    rows = []
+    for name in ("torch", "triton"):
+        fn = lambda: kernels(name).denoise_loss_fwd(x, w, b, A, S, None, seed, True)  # noqa: E731
+        rows.append((name, do_bench(fn, quantiles=[0.5, 0.2, 0.8])))
+    with capsys.disabled():
+        print(f"\ndenoise_loss_fwd M={M} K={K} bf16 grad on {torch.cuda.get_device_name()}: "
+              + ", ".join(f"{n} {t[0]:.3f} ms (p20 {t[1]:.3f}, p80 {t[2]:.3f})" for n, t in rows))
+    assert all(t[0] > 0 for _, t in rows)
