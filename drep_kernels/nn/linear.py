@@ -75,6 +75,7 @@ class DenoiseLinear(nn.Linear):
         self._merge_cache: Optional[tuple] = None
         self._stash: Optional[tuple] = None  # (loss sum, dL/dW_d sum, dL/db_d sum)
         self._stash_versions: Optional[tuple] = None
+        self._stash_params: Optional[tuple] = None  # the denoiser parameters the forward used
         self.reset_denoiser(init)
 
     # -- construction ---------------------------------------------------------------------
@@ -143,6 +144,7 @@ class DenoiseLinear(nn.Linear):
         state["_merge_cache"] = None
         state["_stash"] = None
         state["_stash_versions"] = None
+        state["_stash_params"] = None
         return state
 
     def denoiser_parameters(self) -> list[nn.Parameter]:
@@ -267,6 +269,10 @@ class DenoiseLinear(nn.Linear):
                 )
                 self._stash = None
             self._stash_versions = versions
+        # The gradients belong to the parameter objects this forward used. Under FSDP2 these
+        # are the unsharded ones, whose gradients it reduce-scatters; by the time the loss is
+        # read the module holds the sharded ones again.
+        self._stash_params = (self.denoise_weight, self.denoise_bias)
         if self._stash is None:
             self._stash = (value, grad_dw, grad_db)
         else:
@@ -279,7 +285,8 @@ class DenoiseLinear(nn.Linear):
         if self._stash is None:
             return None
         (value, grad_dw, grad_db), self._stash = self._stash, None
-        return _StashedLoss.apply(value, grad_dw, grad_db, self.denoise_weight, self.denoise_bias)
+        (denoise_weight, denoise_bias), self._stash_params = self._stash_params, None
+        return _StashedLoss.apply(value, grad_dw, grad_db, denoise_weight, denoise_bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, t={self._t}"
