@@ -80,6 +80,7 @@ class DenoiseConv2d(nn.Conv2d):
         self._merge_cache: Optional[tuple] = None
         self._stash: Optional[tuple] = None  # (loss sum, dL/dW_d sum, dL/db_d sum)
         self._stash_versions: Optional[tuple] = None
+        self._stash_params: Optional[tuple] = None  # the denoiser parameters the forward used
         self.reset_denoiser(init)
 
     # The bookkeeping is DenoiseLinear's, unchanged: both layer types have one surface (the
