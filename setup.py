@@ -13,11 +13,35 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import shutil
 
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+def _set_cuda_home() -> None:
+    """Point CUDA_HOME at a real toolkit before torch guesses one.
+
+    torch derives CUDA_HOME from the directory above `nvcc` on PATH; when that `nvcc` is a
+    wrapper (e.g. /usr/local/bin/nvcc exec'ing /usr/local/cuda-13.0/bin/nvcc) the guess is
+    /usr/local, which has no libcudart, and linking fails. Take the first candidate that has
+    both bin/nvcc and a libcudart.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    candidates += sorted(glob.glob("/usr/local/cuda*"))
+    for home in candidates:
+        has_nvcc = os.path.exists(os.path.join(home, "bin", "nvcc"))
+        if has_nvcc and glob.glob(os.path.join(home, "lib*", "libcudart.so*")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+_set_cuda_home()
+
+import torch  # noqa: E402  (after CUDA_HOME is settled: cpp_extension reads it at import)
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
