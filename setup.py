@@ -55,9 +55,19 @@ def _pip_cuda_include_dirs() -> list[str]:
     return dirs
 
 
+def _cxx_std() -> str:
+    """The C++ standard the installed torch's headers need (ATen requires C++20 from torch 2.10)."""
+    aten_h = os.path.join(os.path.dirname(torch.__file__), "include", "ATen", "ATen.h")
+    try:
+        with open(aten_h) as f:
+            return "-std=c++20" if "C++20 or later" in f.read() else "-std=c++17"
+    except OSError:
+        return "-std=c++17"
+
+
 def _extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3", _cxx_std()]
     if not _want_cuda():
         return CppExtension("drep_kernels._C", sources, extra_compile_args={"cxx": cxx_flags}, py_limited_api=False)
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
@@ -67,7 +77,7 @@ def _extension():
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
         include_dirs=[os.path.join(ROOT, "csrc")] + _pip_cuda_include_dirs(),
         define_macros=[("DREP_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", _cxx_std(), "-lineinfo"]},
     )
 
 
