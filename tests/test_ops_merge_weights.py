@@ -88,6 +88,8 @@ def test_opcheck(backend):
     w, b, wd, bd = _params(6, 5, torch.float32, True, True, requires_grad=True)
     opcheck(torch.ops.drep.merge_weights.default, (w, b, wd, bd, CO.c1, CO.c3, backend))
     opcheck(torch.ops.drep.merge_weights.default, (w, None, wd, None, CO.c1, CO.c3, backend))
+    column_major = w.detach().T.contiguous().T.requires_grad_(True)  # fake and real layouts must agree
+    opcheck(torch.ops.drep.merge_weights.default, (column_major, b, wd, bd, CO.c1, CO.c3, backend))
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="C++ CPU merge not built")

@@ -112,8 +112,8 @@ std::tuple<at::Tensor, at::Tensor> merge_weights_fwd_cuda(
   at::Tensor prod = at::empty({out, k + (has_bd ? 1 : 0)}, weight.options().dtype(cdt));
   cuda::mm_acc_out(prod, weight, rhs);
 
-  // M1: W' = c3 W - c1 W W_d, laid out like W (as the fake kernel's empty_like promises).
-  at::Tensor merged_weight = at::empty_like(weight);
+  // M1: W' = c3 W - c1 W W_d, contiguous on every backend (as the fake kernels promise).
+  at::Tensor merged_weight = at::empty({out, k}, weight.options());
   scale_add(weight, c3, prod.narrow(1, 0, k), -c1, merged_weight);
   if (!bias.has_value() && !has_bd) {
     return {merged_weight, weight.new_empty({0})};

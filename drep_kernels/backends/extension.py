@@ -57,7 +57,7 @@ def merge_weights_bwd(
 @torch.library.register_fake("drep::merge_weights_fwd")
 def _(weight, bias, denoise_weight, denoise_bias, c1, c3):
     has_bias = bias is not None or denoise_bias is not None
-    return torch.empty_like(weight), weight.new_empty((weight.shape[0],) if has_bias else (0,))
+    return weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],) if has_bias else (0,))
 
 
 def _cdt(t: Tensor) -> torch.dtype:

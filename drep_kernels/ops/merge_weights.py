@@ -31,7 +31,7 @@ def merge_weights_op(
 @merge_weights_op.register_fake
 def _(weight, bias, denoise_weight, denoise_bias, c1, c3, backend):
     has_bias = bias is not None or denoise_bias is not None
-    return torch.empty_like(weight), weight.new_empty((weight.shape[0],) if has_bias else (0,))
+    return weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],) if has_bias else (0,))
 
 
 def _setup_context(ctx, inputs, output):
