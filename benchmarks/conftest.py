@@ -11,6 +11,7 @@ important; without a budget a group's contenders run one after the other.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -55,11 +56,14 @@ def pytest_addoption(parser):
 
 
 def _device(config) -> str:
-    choice = config.getoption("--drep-device")
+    choice = config.getoption("--drep-device", default="auto")
     return default_device() if choice == "auto" else choice
 
 
 def pytest_configure(config):
+    saved = config.getoption("benchmark_json", default=None)
+    if saved:  # pytest-benchmark does not create the folder
+        Path(saved).parent.mkdir(parents=True, exist_ok=True)
     threads = config.getoption("--drep-threads", default=None)
     if threads:
         import torch
@@ -78,18 +82,20 @@ def pytest_generate_tests(metafunc):
 
         if not torch.cuda.is_available():
             raise pytest.UsageError("--drep-device=cuda but torch sees no CUDA device")
-    cases = specs(op, config.getoption("--drep-sizes"), device, not config.getoption("--drep-no-compile"))
+    # Defaults too, for a run that collects this folder without loading this file first.
+    sizes = config.getoption("--drep-sizes", default="default")
+    cases = specs(op, sizes, device, not config.getoption("--drep-no-compile", default=False))
     metafunc.parametrize("spec", cases, ids=[c.id for c in cases])
 
 
 @pytest.fixture
 def paired(request) -> bool:
-    return not request.config.getoption("--drep-no-pairing")
+    return not request.config.getoption("--drep-no-pairing", default=False)
 
 
 def pytest_collection_modifyitems(config, items):
     # Without a budget, a group's contenders stay together (timed close in time).
-    if config.getoption("--drep-budget-s") is None:
+    if config.getoption("--drep-budget-s", default=None) is None:
         return
 
     def tier(item):
@@ -113,7 +119,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     from .runner import environment
 
     env = environment(_device(config))
-    env["elapsed_s"] = round(time.monotonic() - config._drep_start, 1)
+    start = getattr(config, "_drep_start", None)
+    env["elapsed_s"] = None if start is None else round(time.monotonic() - start, 1)
     env["skipped"] = [{"case": case, "reason": reason} for case, reason in _SKIPPED]
     machine_info["drep"] = env
 
@@ -125,5 +132,6 @@ def pytest_sessionstart(session):
 
 def pytest_runtest_setup(item):
     budget = item.config.getoption("--drep-budget-s", default=None)
-    if budget is not None and time.monotonic() - item.config._drep_start > budget:
+    start = getattr(item.config, "_drep_start", None)
+    if budget is not None and start is not None and time.monotonic() - start > budget:
         pytest.skip(f"--drep-budget-s={budget:g} spent")

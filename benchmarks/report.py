@@ -148,7 +148,7 @@ def group_table(rows: list[Row]) -> list[str]:
         head.append("peak")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        x_floor, vs_eager = ratios(rows, r)
+        xf, vs_eager = ratios(rows, r)
         name = r.contender
         used = r.info.get("backend_used")
         if used and r.contender in ("drep[default]",):
@@ -162,7 +162,7 @@ def group_table(rows: list[Row]) -> list[str]:
             spread,
             str(r.rounds),
             "-" if gflops is None else f"{gflops:.1f}",
-            fmt_ratio(x_floor),
+            fmt_ratio(xf),
             fmt_ratio(vs_eager),
             fmt_bytes(saved),
         ]
@@ -181,10 +181,10 @@ def summary_table(groups: dict[str, list[Row]]) -> list[str]:
         drep = [r for r in rows if r.role == "drep"]
         if not drep:
             continue
-        best = min(drep, key=lambda r: r.median)
+        best = min(drep, key=lambda r: (x_floor(rows, r) or math.inf, r.median))
         floor, eager = _reference(rows, "floor"), _reference(rows, "eager")
         comp = next((r for r in rows if r.contender == "compile"), None)
-        x_floor, vs_eager = ratios(rows, best)
+        xf, vs_eager = ratios(rows, best)
         lines.append(
             "| "
             + " | ".join(
@@ -195,7 +195,7 @@ def summary_table(groups: dict[str, list[Row]]) -> list[str]:
                     fmt_time(comp.median) if comp else "-",
                     best.contender,
                     fmt_time(best.median),
-                    fmt_ratio(x_floor),
+                    fmt_ratio(xf),
                     fmt_ratio(vs_eager),
                     fmt_ratio(speedup(rows, comp, best)),
                 ]
@@ -220,6 +220,8 @@ def header(machine: dict, when: str, rows: list[Row]) -> list[str]:
         f"- date: {when}" if when else "",
         f"- command: `{env['command']}`" if env.get("command") else "",
         f"- suite time: {env['elapsed_s']:.0f} s (pytest session)" if env.get("elapsed_s") is not None else "",
+        "- CPU times on a shared machine are noisy: read the paired ratios more than the times"
+        if env.get("device", "cpu") == "cpu" else "",
     ]
     return [line for line in lines if line]
 
@@ -280,6 +282,7 @@ def plot(rows: list[Row], path: str) -> str:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib import ticker
     except ImportError:
         return "PNG skipped: matplotlib is not installed"
     groups = by_group(rows)
@@ -318,6 +321,12 @@ def plot(rows: list[Row], path: str) -> str:
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")  # plain numbers, not powers
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.yaxis.set_major_formatter(plain)
+        lo, hi = ax.get_ylim()
+        ax.yaxis.set_minor_formatter(plain if hi / lo < 6 else ticker.NullFormatter())
         ax.set_title(panel)
         ax.set_xlabel("K (denoiser width)")
         ax.set_ylabel("speedup vs unfused eager")
@@ -327,7 +336,7 @@ def plot(rows: list[Row], path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return f"PNG written: {path}"
+    return f"PNG written: {os.path.basename(path)}"
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -92,7 +92,7 @@ def run(benchmark, spec: Spec, monkeypatch, paired: bool = True) -> None:
         if paired and spec.device == "cpu" and spec.role != "floor":
             floor = make_case(dataclasses.replace(spec, contender=floor_contender(spec.op)))
         info = measure_speed(benchmark, case, spec.device, POLICIES[spec.sizes], spec.role == "compile", floor)
-        info.update(measure_memory(case, spec.device))
+        info.update(measure_memory(case, spec.device, saved=False))
     median = info.get("median_s")
     info.update(
         op=spec.op,

@@ -15,7 +15,7 @@ Size sets (``--drep-sizes``):
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -130,7 +130,6 @@ class Spec:
     contender: str
     device: str
     sizes: str
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def role(self) -> str:

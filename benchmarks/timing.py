@@ -9,8 +9,9 @@ synchronisation inside the timed region; one at the end), rotating the input set
 times replace pytest-benchmark's host times, so its stats and the saved JSON are device times.
 
 Memory: the bytes autograd saves for backward (saved_tensors_hooks; each storage counted
-once), total and beyond the case's own parameters and inputs; on CUDA also the peak memory
-a call allocates beyond what was allocated before it.
+once), total and beyond the case's own parameters and inputs, measured on the first call of
+the speed run; on CUDA also the peak memory a further call allocates beyond what was
+allocated before it.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class RoundsPolicy:
 
 POLICIES = {
     "smoke": RoundsPolicy(target_s=0.05, min_rounds=2, max_rounds=5, min_rounds_slow=1),
-    "default": RoundsPolicy(target_s=2.0, min_rounds=5, max_rounds=50, min_rounds_slow=3),
+    "default": RoundsPolicy(target_s=1.0, min_rounds=5, max_rounds=50, min_rounds_slow=3),
     "full": RoundsPolicy(target_s=0.1, min_rounds=20, max_rounds=100, min_rounds_slow=5),
 }
 
@@ -48,22 +49,22 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _warm_up(case: Case, device: str, compiled: bool) -> float:
-    """Run untimed calls until compilation is done; return the estimated cost of one call."""
+def _warm_up(case: Case, device: str, compiled: bool) -> tuple[float, dict]:
+    """Run untimed calls until compilation is done; return the estimated cost of one call and
+    the saved-for-backward bytes, measured on the first call."""
     start = time.perf_counter()
-    case.run(0)  # compiles / autotunes / initialises
-    case.reset()
+    info = saved_for_backward(case)  # the first call: compiles / autotunes / initialises
     _sync(device)
     first = time.perf_counter() - start
     if device != "cuda" and not compiled:
-        return first  # a CPU call costs the same the first time, up to allocation
+        return first, info  # a CPU call costs the same the first time, up to allocation
     n = len(case.sets)
     start = time.perf_counter()
     for i in range(n):
         case.run(i)
         case.reset()
     _sync(device)
-    return (time.perf_counter() - start) / n
+    return (time.perf_counter() - start) / n, info
 
 
 def measure_speed(
@@ -74,7 +75,7 @@ def measure_speed(
     ``floor`` (CPU): a reference case run, untimed by pytest-benchmark but timed here, right
     before each round; ``x_floor_paired`` is the median over rounds of time / floor time, a
     ratio that slow changes in the machine's load cancel out of."""
-    est = _warm_up(case, device, compiled)
+    est, saved = _warm_up(case, device, compiled)
     rounds = policy.rounds(est)
     order = iter(range(10**9))
     n = len(case.sets)
@@ -97,7 +98,7 @@ def measure_speed(
         benchmark.pedantic(case.run, setup=setup, rounds=rounds, warmup_rounds=0, iterations=1)
         stats = benchmark.stats
         info = {"median_s": stats.stats.median if stats else None, "rounds": rounds, "timer": "perf_counter",
-                "n_sets": n}
+                "n_sets": n, **saved}
         if stats and floor_s and len(floor_s) == len(stats.stats.data):
             info["x_floor_paired"] = statistics.median(t / f for t, f in zip(stats.stats.data, floor_s))
             info["floor_paired_median_s"] = statistics.median(floor_s)
@@ -119,7 +120,7 @@ def measure_speed(
     benchmark.pedantic(timed_round, setup=setup, rounds=rounds, warmup_rounds=0, iterations=1)
     torch.cuda.synchronize()
     device_s = [s.elapsed_time(e) / 1e3 for s, e in events]
-    info = {"rounds": len(device_s), "timer": "cuda_event", "n_sets": n}
+    info = {"rounds": len(device_s), "timer": "cuda_event", "n_sets": n, **saved}
     if device_s:
         info["median_s"] = statistics.median(device_s)
         stats = benchmark.stats
@@ -138,26 +139,37 @@ def _replace_stats(stats, values: list[float]) -> None:
             del vars(stats)[name]  # cached statistics of the host times
 
 
-def measure_memory(case: Case, device: str) -> dict:
-    """Saved-for-backward bytes and, on CUDA, the peak allocation of one call."""
-    info: dict = {}
-    if case.backward is not None:
-        per_storage: dict[int, int] = {}
-
-        def pack(t):
-            if t.numel():
-                key = t.untyped_storage().data_ptr()
-                per_storage[key] = max(per_storage.get(key, 0), t.numel() * t.element_size())
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = case.forward(*case.sets[0])
-        own = {t.untyped_storage().data_ptr() for t in case.owned if t.numel()}
-        info["saved_bytes"] = sum(per_storage.values())
-        info["saved_extra_bytes"] = sum(v for k, v in per_storage.items() if k not in own)
-        case.backward(out)  # frees the graph
-        del out
+def saved_for_backward(case: Case) -> dict:
+    """One call of ``case``, its forward under saved_tensors_hooks: the bytes autograd saved
+    for backward (each storage once), in all and beyond the case's parameters and inputs."""
+    if case.backward is None:
+        case.run(0)
         case.reset()
+        return {}
+    per_storage: dict[int, int] = {}
+
+    def pack(t):
+        if t.numel():
+            key = t.untyped_storage().data_ptr()
+            per_storage[key] = max(per_storage.get(key, 0), t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = case.forward(*case.sets[0])
+    own = {t.untyped_storage().data_ptr() for t in case.owned if t.numel()}
+    case.backward(out)  # frees the graph
+    del out
+    case.reset()
+    return {
+        "saved_bytes": sum(per_storage.values()),
+        "saved_extra_bytes": sum(v for k, v in per_storage.items() if k not in own),
+    }
+
+
+def measure_memory(case: Case, device: str, saved: bool = True) -> dict:
+    """Saved-for-backward bytes (unless ``saved`` is False: the speed run measured them) and,
+    on CUDA, the peak memory one call allocates beyond what was allocated before it."""
+    info = saved_for_backward(case) if saved else {}
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()

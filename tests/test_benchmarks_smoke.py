@@ -140,6 +140,14 @@ def test_case_runs(spec, monkeypatch):
     assert (case.backward is None) == ("saved_bytes" not in info)
 
 
+def test_fused_inference_runs_the_original_architecture():
+    shape = shapes.Shape(K=64, out=96, M=2 * shapes.TOKENS)
+    cases = {c: make_case(shapes.Spec("inference", "eval", shape, "float32", c, "cpu", "smoke"))
+             for c in ("linear", "fused")}
+    assert cases["fused"].info["module"] == cases["linear"].info["module"] == "Linear"
+    assert [p.shape for p in cases["fused"].owned] == [p.shape for p in cases["linear"].owned]
+
+
 @pytest.mark.parametrize("backend", _loss_backends())
 def test_loss_saves_nothing_of_size_m_by_k(backend, monkeypatch):
     """Our op keeps only dL/dW_d and dL/db_d for backward; the authors' loss keeps M x K tensors."""
