@@ -10,8 +10,9 @@
 #    own JSON and time budget: uncompiled contenders, torch.compile, max-autotune;
 # 5. writes OUTDIR/report.md and OUTDIR/speedup.png and prints the summary table last.
 #
-# The whole run stays under DREP_GPU_BUDGET_S seconds (default 460, under 8 minutes): every
-# step runs under `timeout`, and the sweep skips the cases that would start after its budget.
+# The whole run stays under DREP_GPU_BUDGET_S seconds (default 450; with the kill grace
+# periods under 8 minutes): every step runs under `timeout` bounded by the time left, and the
+# sweep skips the cases that would start after its budget.
 # OUTDIR receives at most 6 files: run.log, bench-{plain,compile,autotune}.json, report.md,
 # speedup.png. Exit status: 0 when everything ran; 1 when the build, the tests or a tier
 # failed (the rest still runs); 2 when there is no GPU or no OUTDIR.
@@ -26,7 +27,7 @@ mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-python3}
-BUDGET=${DREP_GPU_BUDGET_S:-460}
+BUDGET=${DREP_GPU_BUDGET_S:-450}
 START=$SECONDS
 LOG="$OUT/run.log"
 : > "$LOG"
@@ -105,7 +106,7 @@ fi
 #    budget, and `timeout` stops it 60 s later (a case can be a long compile) as a last resort.
 tier() {  # name, share of the time left (percent), -k expression
     local name=$1 share=$2 expr=$3
-    local avail=$(( $(left) - 30 ))  # keep 30 s for the report
+    local avail=$(( $(left) - 45 ))  # keep 45 s for the report
     local budget=$(( avail * share / 100 ))
     if [ "$budget" -lt 15 ]; then
         note_failure "tier $name: no time left"
@@ -138,7 +139,7 @@ if [ -z "$JSONS" ]; then
 fi
 SUMMARY=$(mktemp)
 # shellcheck disable=SC2086
-timeout -k 5 90 "$PY" -m benchmarks.report $JSONS --out "$OUT" --print summary \
+timeout -k 5 45 "$PY" -m benchmarks.report $JSONS --out "$OUT" --print summary \
     --title "drep-kernels on $NAME" >"$SUMMARY" 2>>"$LOG" || note_failure "report (see run.log)"
 cat "$SUMMARY" >>"$LOG"
 say "finished in $((SECONDS - START))s; files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
