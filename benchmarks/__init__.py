@@ -1,0 +1,1 @@
+"""Benchmarks of drep-kernels against the unfused baseline (see benchmarks/README.md)."""
