@@ -12,8 +12,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # benchmarks/ is not installed with the package
-    sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:  # benchmarks/ is not installed with the package; appended so
+    sys.path.append(str(ROOT))  # the source tree cannot shadow the installed drep_kernels
 
 import drep_kernels  # noqa: E402
 from benchmarks import baselines, report, shapes  # noqa: E402
