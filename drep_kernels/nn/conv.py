@@ -1,7 +1,6 @@
 """``DenoiseConv2d``: an ``nn.Conv2d`` that owns a DenoiseRep denoiser on its output and folds it in."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -10,12 +9,10 @@ from torch import Tensor
 
 from .. import ops
 from ..schedule import Schedule
-from .linear import DenoiseLinear, autocast_off
-
-_INITS = ("zeros", "linear")
+from ._denoise import DenoiseLayerMixin
 
 
-class DenoiseConv2d(nn.Conv2d):
+class DenoiseConv2d(DenoiseLayerMixin, nn.Conv2d):
     """A Conv2d layer read as reverse-diffusion step ``t``, denoising its *output* (docs/method.md,
     "Conv2d").
 
@@ -67,32 +64,10 @@ class DenoiseConv2d(nn.Conv2d):
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
             device=device, dtype=dtype,
         )
-        self.schedule = schedule if schedule is not None else Schedule()
-        self._set_t(t)
-        self.register_buffer("t", torch.tensor(self._t, dtype=torch.int64, device=device))
-        factory = {"device": device, "dtype": dtype}
-        self.denoise_weight = nn.Parameter(torch.empty(out_channels, out_channels, **factory))
-        if bias:
-            self.denoise_bias = nn.Parameter(torch.empty(out_channels, **factory))
-        else:
-            self.register_parameter("denoise_bias", None)
-        self.label_augmented = bool(label_augmented)
-        self._merge_cache: Optional[tuple] = None
-        self._stash: Optional[tuple] = None  # (loss sum, dL/dW_d sum, dL/db_d sum)
-        self._stash_versions: Optional[tuple] = None
-        self._stash_params: Optional[tuple] = None  # the denoiser parameters the forward used
-        self.reset_denoiser(init)
-
-    # The bookkeeping is DenoiseLinear's, unchanged: both layer types have one surface (the
-    # step and its coefficients, the merge cache key, the loss and its hand-over, pickling).
-    _set_t = DenoiseLinear._set_t
-    __getstate__ = DenoiseLinear.__getstate__
-    denoiser_parameters = DenoiseLinear.denoiser_parameters
-    _merge_key = DenoiseLinear._merge_key
-    _wants_loss = DenoiseLinear._wants_loss
-    _loss_terms = DenoiseLinear._loss_terms
-    _stash_loss = DenoiseLinear._stash_loss
-    take_loss = DenoiseLinear.take_loss
+        self._init_denoiser(
+            out_channels, bias, t=t, schedule=schedule, init=init, label_augmented=label_augmented,
+            device=device, dtype=dtype,
+        )
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -134,78 +109,32 @@ class DenoiseConv2d(nn.Conv2d):
         layer.train(conv.training)
         return layer
 
-    def reset_denoiser(self, init: str = "zeros") -> None:
-        """Re-initialise the denoiser: ``"zeros"`` or ``"linear"`` (nn.Linear's init, K = out)."""
-        if init not in _INITS:
-            raise ValueError(f"init must be one of {_INITS}, got {init!r}")
-        with torch.no_grad():
-            if init == "zeros":
-                self.denoise_weight.zero_()
-                if self.denoise_bias is not None:
-                    self.denoise_bias.zero_()
-            else:
-                bound = 1.0 / math.sqrt(self.out_channels)
-                self.denoise_weight.uniform_(-bound, bound)
-                if self.denoise_bias is not None:
-                    self.denoise_bias.uniform_(-bound, bound)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if prefix + "t" in state_dict:  # keep the Python-side coefficients in step with the buffer
-            self._set_t(self.t)
-        self._merge_cache = None
-
     # -- merge ----------------------------------------------------------------------------
-    def merged_weight_and_bias(self) -> tuple[Tensor, Optional[Tensor]]:
-        """(W', b') of the current parameters (formulas C1, C2); b' is None for a bias-free conv.
+    def _merge(self, denoise_weight: Tensor, denoise_bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        """(W', b') by formulas C1, C2; W' has the weight's shape (out, in, kh, kw)."""
+        co = self.coefficients
+        return _merge_conv(self.weight, self.bias, denoise_weight, denoise_bias, co.c1, co.c3)
 
-        W' has the weight's shape (out, in, kh, kw). Cached, keyed on the parameters' versions,
-        as for ``DenoiseLinear``. With grad enabled the result is differentiable in W, b and,
-        only when ``label_augmented``, in the denoiser.
-        """
-        compiling = torch.compiler.is_compiling()
-        if not compiling:
-            key = self._merge_key()
-            if self._merge_cache is not None and self._merge_cache[0] == key:
-                return self._merge_cache[1], self._merge_cache[2]
-        dw, db = self.denoise_weight, self.denoise_bias
-        if not self.label_augmented:
-            dw = dw.detach()
-            db = db.detach() if db is not None else None
-        with autocast_off(self.weight.device):
-            merged = _merge_conv(self.weight, self.bias, dw, db, self.coefficients.c1, self.coefficients.c3)
-        if not compiling:
-            self._merge_cache = (key, *merged)
-        return merged
+    def _plain_layer(self, bias: bool, device, dtype) -> nn.Conv2d:
+        return nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            bias,
+            self.padding_mode,
+            device=device,
+            dtype=dtype,
+        )
 
     def to_conv2d(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` holding (W', b'): the deployable layer, same architecture."""
-        with torch.no_grad():
-            w, b = self.merged_weight_and_bias()
-            conv = nn.Conv2d(
-                self.in_channels,
-                self.out_channels,
-                self.kernel_size,
-                self.stride,
-                self.padding,
-                self.dilation,
-                self.groups,
-                b is not None,
-                self.padding_mode,
-                device=w.device,
-                dtype=w.dtype,
-            )
-            conv.weight.copy_(w)
-            if b is not None:
-                conv.bias.copy_(b)
-        conv.train(self.training)
-        return conv
+        return self.to_plain()
 
-    def to_plain(self) -> nn.Conv2d:
-        """The deployable layer (``to_conv2d``); ``drep_kernels.fuse`` calls this on every layer type."""
-        return self.to_conv2d()
-
-    # -- forward and losses ---------------------------------------------------------------
+    # -- forward --------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         merged_weight, merged_bias = self.merged_weight_and_bias()
         y = self._conv_forward(x, merged_weight, merged_bias)
@@ -223,9 +152,6 @@ class DenoiseConv2d(nn.Conv2d):
         # Per pixel, channels last: (N, C, H, W) -> (N H W, C), K = out_channels.
         self._stash_loss(*self._loss_terms(y_t.permute(0, 2, 3, 1).reshape(-1, self.out_channels)))
         return y
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, t={self._t}"
 
 
 def _merge_conv(

@@ -1,9 +1,6 @@
 """``DenoiseLinear``: an ``nn.Linear`` that owns a DenoiseRep denoiser and folds it in."""
 from __future__ import annotations
 
-import contextlib
-import math
-import warnings
 from typing import Optional
 
 import torch
@@ -12,22 +9,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..backends import select
-from ..ops.denoise_loss import denoise_loss_op, flat_noise_and_seed
-from ..schedule import Coefficients, Schedule
-
-_INITS = ("zeros", "linear")
+from ..schedule import Schedule
+from ._denoise import DenoiseLayerMixin
 
 
-def autocast_off(device: torch.device):
-    """A context without autocast on ``device``: the ops then compute in the dtype they specify
-    (float32 for half inputs). Under autocast the kernels' own matmuls would run in bf16/fp16."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
-class DenoiseLinear(nn.Linear):
+class DenoiseLinear(DenoiseLayerMixin, nn.Linear):
     """A Linear layer read as reverse-diffusion step ``t`` (docs/method.md).
 
     Computes y = x W'^T + b' in train and eval, with (W', b') the reverse step folded into
@@ -62,21 +48,10 @@ class DenoiseLinear(nn.Linear):
         dtype=None,
     ) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.schedule = schedule if schedule is not None else Schedule()
-        self._set_t(t)
-        self.register_buffer("t", torch.tensor(self._t, dtype=torch.int64, device=device))
-        factory = {"device": device, "dtype": dtype}
-        self.denoise_weight = nn.Parameter(torch.empty(in_features, in_features, **factory))
-        if bias:
-            self.denoise_bias = nn.Parameter(torch.empty(in_features, **factory))
-        else:
-            self.register_parameter("denoise_bias", None)
-        self.label_augmented = bool(label_augmented)
-        self._merge_cache: Optional[tuple] = None
-        self._stash: Optional[tuple] = None  # (loss sum, dL/dW_d sum, dL/db_d sum)
-        self._stash_versions: Optional[tuple] = None
-        self._stash_params: Optional[tuple] = None  # the denoiser parameters the forward used
-        self.reset_denoiser(init)
+        self._init_denoiser(
+            in_features, bias, t=t, schedule=schedule, init=init, label_augmented=label_augmented,
+            device=device, dtype=dtype,
+        )
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -111,105 +86,20 @@ class DenoiseLinear(nn.Linear):
         layer.train(linear.training)
         return layer
 
-    def reset_denoiser(self, init: str = "zeros") -> None:
-        """Re-initialise the denoiser: ``"zeros"`` or ``"linear"`` (nn.Linear's init)."""
-        if init not in _INITS:
-            raise ValueError(f"init must be one of {_INITS}, got {init!r}")
-        with torch.no_grad():
-            if init == "zeros":
-                self.denoise_weight.zero_()
-                if self.denoise_bias is not None:
-                    self.denoise_bias.zero_()
-            else:
-                bound = 1.0 / math.sqrt(self.in_features)
-                self.denoise_weight.uniform_(-bound, bound)
-                if self.denoise_bias is not None:
-                    self.denoise_bias.uniform_(-bound, bound)
-
-    def _set_t(self, t) -> None:
-        if isinstance(t, Tensor):
-            t = int(t.item())
-        self.coefficients: Coefficients = self.schedule.coefficients(t)  # validates t
-        self._t = t
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if prefix + "t" in state_dict:  # keep the Python-side coefficients in step with the buffer
-            self._set_t(self.t)
-        self._merge_cache = None
-
-    def __getstate__(self):
-        # A cached merge may carry autograd history, and unread losses are not state.
-        state = self.__dict__.copy()
-        state["_merge_cache"] = None
-        state["_stash"] = None
-        state["_stash_versions"] = None
-        state["_stash_params"] = None
-        return state
-
-    def denoiser_parameters(self) -> list[nn.Parameter]:
-        """The denoiser's parameters (W_d and, if present, b_d)."""
-        return [p for p in (self.denoise_weight, self.denoise_bias) if p is not None]
-
     # -- merge ----------------------------------------------------------------------------
-    def _merge_key(self) -> tuple:
-        params = (self.weight, self.bias, self.denoise_weight, self.denoise_bias)
-        return (
-            tuple(None if p is None else (p._version, p.data_ptr(), p.requires_grad, p.dtype) for p in params),
-            torch.is_grad_enabled(),
-            torch.is_inference_mode_enabled(),
-            self.label_augmented,
-            self._t,
-        )
-
-    def merged_weight_and_bias(self) -> tuple[Tensor, Optional[Tensor]]:
-        """(W', b') of the current parameters; b' is None for a bias-free layer.
-
-        Cached, keyed on the parameters' versions: recomputed only after a parameter changed
-        (an optimizer step, a load). With grad enabled the result is differentiable in W, b
-        and, only when ``label_augmented``, in the denoiser.
-        """
-        compiling = torch.compiler.is_compiling()
-        if not compiling:
-            key = self._merge_key()
-            if self._merge_cache is not None and self._merge_cache[0] == key:
-                return self._merge_cache[1], self._merge_cache[2]
-        dw, db = self.denoise_weight, self.denoise_bias
-        if not self.label_augmented:
-            dw = dw.detach()
-            db = db.detach() if db is not None else None
+    def _merge(self, denoise_weight: Tensor, denoise_bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        """(W', b') by formulas M1, M2."""
         co = self.coefficients
-        with autocast_off(self.weight.device):
-            merged = ops.merge_weights(self.weight, self.bias, dw, db, co.c1, co.c3)
-        if not compiling:
-            self._merge_cache = (key, *merged)
-        return merged
+        return ops.merge_weights(self.weight, self.bias, denoise_weight, denoise_bias, co.c1, co.c3)
+
+    def _plain_layer(self, bias: bool, device, dtype) -> nn.Linear:
+        return nn.Linear(self.in_features, self.out_features, bias, device=device, dtype=dtype)
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding (W', b'): the deployable layer, same architecture."""
-        with torch.no_grad():
-            w, b = self.merged_weight_and_bias()
-            linear = nn.Linear(
-                self.in_features, self.out_features, b is not None, device=w.device, dtype=w.dtype
-            )
-            linear.weight.copy_(w)
-            if b is not None:
-                linear.bias.copy_(b)
-        linear.train(self.training)
-        return linear
+        return self.to_plain()
 
-    def to_plain(self) -> nn.Linear:
-        """The deployable layer (``to_linear``); ``drep_kernels.fuse`` calls this on every layer type."""
-        return self.to_linear()
-
-    # -- forward and losses ---------------------------------------------------------------
-    def _wants_loss(self) -> bool:
-        return (
-            self.training
-            and torch.is_grad_enabled()
-            and any(p.requires_grad for p in self.denoiser_parameters())
-        )
-
+    # -- forward --------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         merged = self.merged_weight_and_bias()
         if not self._wants_loss():
@@ -233,77 +123,3 @@ class DenoiseLinear(nn.Linear):
         )
         self._stash_loss(loss.detach(), grad_dw, grad_db)
         return y
-
-    def _loss_terms(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(loss, dL/dW_d, dL/db_d) of L1/L2 on the (M, K) rows, computed in float32 (float64)
-        as the op specifies: with autocast off, on the rows cast to the denoiser's dtype. For
-        callers that cannot go through ``linear_denoise`` (autocast, DenoiseConv2d)."""
-        rows = rows.detach().to(self.denoise_weight.dtype)
-        noise, seed = flat_noise_and_seed(rows, None, None)
-        co = self.coefficients
-        with torch.no_grad(), autocast_off(rows.device):  # the gradients come out of the op itself
-            return denoise_loss_op(
-                rows, self.denoise_weight, self.denoise_bias, co.a, co.s, noise, seed,
-                select("denoise_loss", rows.device), True,
-            )
-
-    def _stash_loss(self, value: Tensor, grad_dw: Tensor, grad_db: Tensor) -> None:
-        """Keep the loss as (value, dL/dW_d, dL/db_d) sums, never as a graph.
-
-        The op computed the loss's gradients in its forward pass (L2); summing them here keeps
-        one K x K accumulator per layer however many forwards pass before the loss is read,
-        and a loss that is never read holds no autograd graph at all.
-        """
-        if self.denoise_bias is None:
-            grad_db = None
-        if not torch.compiler.is_compiling():
-            versions = tuple(p._version for p in self.denoiser_parameters())
-            if self._stash is not None and versions != self._stash_versions:
-                # The denoiser changed since these losses were made: their gradients belong to
-                # the old parameters. Drop them rather than apply them to the new ones.
-                warnings.warn(
-                    f"{type(self).__name__}: denoising losses were produced but never collected before "
-                    "the denoiser changed; call drep_kernels.denoise_loss(model) after each forward. "
-                    "Dropping them.",
-                    stacklevel=3,
-                )
-                self._stash = None
-            self._stash_versions = versions
-        # The gradients belong to the parameter objects this forward used. Under FSDP2 these
-        # are the unsharded ones, whose gradients it reduce-scatters; by the time the loss is
-        # read the module holds the sharded ones again.
-        self._stash_params = (self.denoise_weight, self.denoise_bias)
-        if self._stash is None:
-            self._stash = (value, grad_dw, grad_db)
-        else:
-            v, gw, gb = self._stash
-            self._stash = (v + value, gw + grad_dw, None if gb is None else gb + grad_db)
-
-    def take_loss(self) -> Optional[Tensor]:
-        """The sum of the losses produced since the last call (None if none), as a 0-d tensor
-        differentiable in the denoiser; the layer forgets them."""
-        if self._stash is None:
-            return None
-        (value, grad_dw, grad_db), self._stash = self._stash, None
-        (denoise_weight, denoise_bias), self._stash_params = self._stash_params, None
-        return _StashedLoss.apply(value, grad_dw, grad_db, denoise_weight, denoise_bias)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, t={self._t}"
-
-
-class _StashedLoss(torch.autograd.Function):
-    """A loss whose gradients were computed when it was made: backward only scales them (L2)."""
-
-    @staticmethod
-    def forward(ctx, value, grad_dw, grad_db, denoise_weight, denoise_bias):
-        ctx.save_for_backward(grad_dw, grad_db)
-        ctx.dtype = denoise_weight.dtype
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad_dw, grad_db = ctx.saved_tensors
-        dw = (grad * grad_dw).to(ctx.dtype) if ctx.needs_input_grad[3] else None
-        db = (grad * grad_db).to(ctx.dtype) if ctx.needs_input_grad[4] and grad_db is not None else None
-        return None, None, None, dw, db
