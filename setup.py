@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -58,8 +59,20 @@ def _pip_cuda_include_dirs() -> list[str]:
 def _extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O3", "-std=c++17"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is inline: without OpenMP in this library it silently runs on one
+        # thread. torch's own libgomp (same soname) is the runtime that gets loaded.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if not _want_cuda():
-        return CppExtension("drep_kernels._C", sources, extra_compile_args={"cxx": cxx_flags}, py_limited_api=False)
+        return CppExtension(
+            "drep_kernels._C",
+            sources,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
+            py_limited_api=False,
+        )
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
     return CUDAExtension(
@@ -68,6 +81,7 @@ def _extension():
         include_dirs=[os.path.join(ROOT, "csrc")] + _pip_cuda_include_dirs(),
         define_macros=[("DREP_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+        extra_link_args=link_flags,
     )
 
 
