@@ -8,7 +8,8 @@
 //     against all of W_d), then in one sweep over p: D = p + b_d - eps, partial sums of |D|
 //     and D^2, G = (sign D + 2 D) / (M K) written over p;
 //   pass 2 (only when compute_grad), one block of rows of dL/dW_d over a whole tile:
-//     dL/dW_d[blk] += G[:, blk]^T x_noisy (one BLAS GEMM), dL/db_d[blk] += column sums of G.
+//     dL/dW_d[blk] += G[:, blk]^T x_noisy (one BLAS GEMM), dL/db_d[blk] += column sums of G
+//     (summed per chunk in pass 1's sweep).
 // Step t runs pass 1 of tile t and pass 2 of tile t - 1 as one pool of items (double-buffered
 // tiles), so the threads share both GEMMs' work with one barrier per tile.
 // Nothing of size M x K exists; the temporary memory is bounded by the tile sizes (see
@@ -59,16 +60,28 @@ struct Plan {
 
 Plan make_plan(int64_t K) {
   Plan p;
-  // A forward call re-reads all of W_d (K x K): 128 rows already reach the rate of one
-  // whole-matrix GEMM for K <= 1024 (measured), 256 keep the re-reads small above that.
-  p.chunk_rows = K <= 1024 ? 128 : 256;
-  // Tiles: a long enough reduction for the gradient GEMM with tile buffers of a few MiB.
-  p.tile_rows = K <= 1024 ? 8 * p.chunk_rows : 2 * p.chunk_rows;
-  // Gradient blocks of about 384 rows: smaller ones lose GEMM rate (B is re-packed per call).
-  p.n_blocks = std::max<int64_t>(1, (K + 383) / 384);
+  // Each forward call re-packs all of W_d (K x K) for BLAS: 256 rows make that a few percent
+  // of the call (measured at K = 768: 128 rows spent 8% of the GEMM time packing).
+  p.chunk_rows = 256;
+  // Tiles of about 2^20 elements (4 MiB in float32): a long reduction for the gradient GEMM
+  // and several chunks per tile to share among threads; at least 2 chunks.
+  p.tile_rows = p.chunk_rows * std::clamp<int64_t>((int64_t{1} << 20) / (p.chunk_rows * std::max<int64_t>(K, 1)), 2, 16);
+  // Gradient blocks of at most about 384 rows (smaller ones lose GEMM rate: x_noisy is
+  // re-packed per call), and at least 2 once K >= 256 so that the last step has 2 items.
+  p.n_blocks = std::max<int64_t>(K >= 256 ? 2 : 1, (K + 383) / 384);
   p.block_rows = (K + p.n_blocks - 1) / p.n_blocks;
   p.n_blocks = (K + p.block_rows - 1) / p.block_rows;
   return p;
+}
+
+// The AVX2 + FMA code paths are taken on machines that have them (decided once per process).
+bool cpu_has_avx2() {
+#ifdef DREP_HAVE_AVX2_PATH
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return avx2;
+#else
+  return false;
+#endif
 }
 
 // Independent partial sums per row in the epilogue (fixed, so vectorisable and deterministic).
@@ -221,8 +234,7 @@ DREP_AVX2 void noise_row_avx2(uint64_t seed, uint64_t first, int64_t n, float* o
 // The path depends on the machine only, so every row of every run takes the same one.
 void noise_row(uint64_t seed, uint64_t first, int64_t n, float* out) {
 #ifdef DREP_HAVE_AVX2_PATH
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2) {
+  if (cpu_has_avx2()) {
     noise_row_avx2(seed, first, n, out);
     return;
   }
@@ -282,27 +294,49 @@ void run_items(int64_t n, const F& item) {
 }
 
 // ---------------------------------------------------------------------------------------
-// L1 epilogue for one row, in place: p <- G = (sign D + 2 D) / (M K) with D = p + b - eps;
-// sums of |D| and D^2 added to the row's totals. kLanes independent partial sums in the
-// compute dtype, reduced in a fixed order into float64.
-template <typename scalar_t, bool kGrad>
-void epilogue_row(scalar_t* p, const scalar_t* eps, const scalar_t* bias, int64_t n, scalar_t inv_mk,
-                  double* abs_sum, double* sq_sum) {
+// Elementwise row passes. Each body is written once and compiled twice: for the baseline ISA
+// and, on x86-64, for AVX2 + FMA (see cpu_has_avx2).
+
+// L1 noising in place over the row holding x: x_noisy = a x + s eps.
+template <typename scalar_t>
+C10_ALWAYS_INLINE void noising_body(scalar_t* __restrict__ xr, const scalar_t* __restrict__ er, int64_t n, scalar_t a,
+                                    scalar_t s) {
+  for (int64_t k = 0; k < n; ++k) xr[k] = a * xr[k] + s * er[k];
+}
+
+// L1 epilogue for one row, in place: p <- G = (sign D + 2 D) / (M K) (L2) with
+// D = p + b - eps; sums of |D| and D^2 added to the row totals; with kColSum, G added to the
+// chunk's column sums (for dL/db_d). kLanes independent partial sums in the compute dtype,
+// reduced in a fixed order into float64.
+template <typename scalar_t, bool kGrad, bool kColSum>
+C10_ALWAYS_INLINE void epilogue_element(scalar_t* __restrict__ p, const scalar_t* __restrict__ eps,
+                                        const scalar_t* __restrict__ bias, int64_t k, scalar_t inv_mk,
+                                        scalar_t* __restrict__ col_sum, scalar_t& acc_abs, scalar_t& acc_sq) {
+  const scalar_t d = p[k] + bias[k] - eps[k];
+  acc_abs += std::abs(d);
+  acc_sq += d * d;
+  if constexpr (kGrad) {
+    const scalar_t sign = (d > 0 ? scalar_t(1) : scalar_t(0)) - (d < 0 ? scalar_t(1) : scalar_t(0));
+    const scalar_t g = (sign + 2 * d) * inv_mk;
+    p[k] = g;
+    if constexpr (kColSum) col_sum[k] += g;
+  }
+}
+
+template <typename scalar_t, bool kGrad, bool kColSum>
+C10_ALWAYS_INLINE void epilogue_body(scalar_t* __restrict__ p, const scalar_t* __restrict__ eps,
+                                     const scalar_t* __restrict__ bias, int64_t n, scalar_t inv_mk,
+                                     scalar_t* __restrict__ col_sum, double* abs_sum, double* sq_sum) {
   scalar_t acc_abs[kLanes] = {}, acc_sq[kLanes] = {};
   int64_t k = 0;
-  const auto one = [&](int64_t i, int l) {
-    const scalar_t d = p[i] + bias[i] - eps[i];
-    acc_abs[l] += std::abs(d);
-    acc_sq[l] += d * d;
-    if (kGrad) {
-      const scalar_t sign = static_cast<scalar_t>((d > 0) - (d < 0));
-      p[i] = (sign + 2 * d) * inv_mk;
-    }
-  };
   for (; k + kLanes <= n; k += kLanes) {
-    for (int l = 0; l < kLanes; ++l) one(k + l, l);
+    for (int l = 0; l < kLanes; ++l) {
+      epilogue_element<scalar_t, kGrad, kColSum>(p, eps, bias, k + l, inv_mk, col_sum, acc_abs[l], acc_sq[l]);
+    }
   }
-  for (int l = 0; k < n; ++k, ++l) one(k, l);
+  for (int l = 0; k < n; ++k, ++l) {
+    epilogue_element<scalar_t, kGrad, kColSum>(p, eps, bias, k, inv_mk, col_sum, acc_abs[l], acc_sq[l]);
+  }
   double row_abs = 0, row_sq = 0;
   for (int l = 0; l < kLanes; ++l) {
     row_abs += acc_abs[l];
@@ -310,6 +344,84 @@ void epilogue_row(scalar_t* p, const scalar_t* eps, const scalar_t* bias, int64_
   }
   *abs_sum += row_abs;
   *sq_sum += row_sq;
+}
+
+#ifdef DREP_HAVE_AVX2_PATH
+// The float32 epilogue_body in AVX2 intrinsics (the compiler does not vectorise the generic
+// one well): lane l of the accumulators holds the elements k = l mod 8, as there.
+template <bool kGrad, bool kColSum>
+__attribute__((target("avx2,fma"))) void epilogue_f32_avx2(float* __restrict__ p, const float* __restrict__ eps,
+                                                           const float* __restrict__ bias, int64_t n, float inv_mk,
+                                                           float* __restrict__ col_sum, double* abs_sum,
+                                                           double* sq_sum) {
+  const __m256 zero = _mm256_setzero_ps(), minus_zero = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+  const __m256 two = _mm256_set1_ps(2.0f), inv = _mm256_set1_ps(inv_mk);
+  __m256 acc_abs = zero, acc_sq = zero;
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m256 d = _mm256_sub_ps(_mm256_add_ps(_mm256_loadu_ps(p + k), _mm256_loadu_ps(bias + k)),
+                                   _mm256_loadu_ps(eps + k));
+    acc_abs = _mm256_add_ps(acc_abs, _mm256_andnot_ps(minus_zero, d));
+    acc_sq = _mm256_fmadd_ps(d, d, acc_sq);
+    if constexpr (kGrad) {
+      // sign(d): 1 carrying d's sign bit, masked to 0 where d == 0.
+      const __m256 sign = _mm256_and_ps(_mm256_or_ps(_mm256_and_ps(d, minus_zero), one),
+                                        _mm256_cmp_ps(d, zero, _CMP_NEQ_OQ));
+      const __m256 g = _mm256_mul_ps(_mm256_fmadd_ps(two, d, sign), inv);
+      _mm256_storeu_ps(p + k, g);
+      if constexpr (kColSum) _mm256_storeu_ps(col_sum + k, _mm256_add_ps(_mm256_loadu_ps(col_sum + k), g));
+    }
+  }
+  alignas(32) float lanes_abs[8], lanes_sq[8];
+  _mm256_store_ps(lanes_abs, acc_abs);
+  _mm256_store_ps(lanes_sq, acc_sq);
+  for (int l = 0; k < n; ++k, ++l) {
+    epilogue_element<float, kGrad, kColSum>(p, eps, bias, k, inv_mk, col_sum, lanes_abs[l], lanes_sq[l]);
+  }
+  double row_abs = 0, row_sq = 0;
+  for (int l = 0; l < 8; ++l) {
+    row_abs += lanes_abs[l];
+    row_sq += lanes_sq[l];
+  }
+  *abs_sum += row_abs;
+  *sq_sum += row_sq;
+}
+#endif
+
+#ifdef DREP_HAVE_AVX2_PATH
+template <typename scalar_t>
+__attribute__((target("avx2,fma"))) void noising_avx2(scalar_t* xr, const scalar_t* er, int64_t n, scalar_t a,
+                                                      scalar_t s) {
+  noising_body(xr, er, n, a, s);
+}
+template <typename scalar_t, bool kGrad, bool kColSum>
+__attribute__((target("avx2,fma"))) void epilogue_avx2(scalar_t* p, const scalar_t* eps, const scalar_t* bias,
+                                                       int64_t n, scalar_t inv_mk, scalar_t* col_sum,
+                                                       double* abs_sum, double* sq_sum) {
+  epilogue_body<scalar_t, kGrad, kColSum>(p, eps, bias, n, inv_mk, col_sum, abs_sum, sq_sum);
+}
+#endif
+
+template <typename scalar_t>
+void noising_row(scalar_t* xr, const scalar_t* er, int64_t n, scalar_t a, scalar_t s) {
+#ifdef DREP_HAVE_AVX2_PATH
+  if (cpu_has_avx2()) return noising_avx2(xr, er, n, a, s);
+#endif
+  noising_body(xr, er, n, a, s);
+}
+
+template <typename scalar_t, bool kGrad, bool kColSum>
+void epilogue_row(scalar_t* p, const scalar_t* eps, const scalar_t* bias, int64_t n, scalar_t inv_mk,
+                  scalar_t* col_sum, double* abs_sum, double* sq_sum) {
+#ifdef DREP_HAVE_AVX2_PATH
+  if (cpu_has_avx2()) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      return epilogue_f32_avx2<kGrad, kColSum>(p, eps, bias, n, inv_mk, col_sum, abs_sum, sq_sum);
+    }
+    return epilogue_avx2<scalar_t, kGrad, kColSum>(p, eps, bias, n, inv_mk, col_sum, abs_sum, sq_sum);
+  }
+#endif
+  epilogue_body<scalar_t, kGrad, kColSum>(p, eps, bias, n, inv_mk, col_sum, abs_sum, sq_sum);
 }
 
 template <typename scalar_t>
@@ -340,8 +452,9 @@ void denoise_loss_cpu_impl(const at::Tensor& x, const at::Tensor& weight, const 
 
   // Temporary memory, bounded whatever M: two sets (double buffering, see below) of two
   // tile buffers, x_noisy and p/G, plus one eps buffer of a chunk per thread:
-  // (4 tile_rows + threads chunk_rows) K compute-dtype elements, e.g. 13 MiB for K = 768 and
-  // 31 MiB for K = 3072 in float32 with 2 threads; plus O(K) and O(tile_rows) scalars.
+  // (4 tile_rows + threads chunk_rows) K compute-dtype elements, at most
+  // 4 max(2^20, 512 K) + threads 256 K: 16 MiB + 1 MiB per thread for K <= 2048 in float32,
+  // 25 MiB + 3 MiB per thread at K = 3072; plus O(K) and O(K tile_rows / chunk_rows) scalars.
   const int64_t tile_rows = std::min(M, plan.tile_rows);
   const int64_t n_sets = compute_grad ? 2 : 1;
   const auto opts = x.options().dtype(c10::CppTypeToScalarType<scalar_t>::value);
@@ -356,6 +469,8 @@ void denoise_loss_cpu_impl(const at::Tensor& x, const at::Tensor& weight, const 
 
   const int64_t n_tiles = (M + plan.tile_rows - 1) / plan.tile_rows;
   const int64_t max_chunks = (tile_rows + plan.chunk_rows - 1) / plan.chunk_rows;
+  // Column sums of G per chunk (dL/db_d), summed over the chunks in order in pass 2.
+  at::Tensor colsum_buf = at::empty({has_bias ? n_sets : 0, max_chunks, K}, opts);
   std::vector<double> chunk_abs(max_chunks), chunk_sq(max_chunks);
   std::vector<double> bias_acc(has_bias ? K : 0, 0.0);
   double total_abs = 0, total_sq = 0;
@@ -384,16 +499,25 @@ void denoise_loss_cpu_impl(const at::Tensor& x, const at::Tensor& weight, const 
         noise_row(seed, first, K, ef);
         for (int64_t k = 0; k < K; ++k) er[k] = static_cast<scalar_t>(ef[k]);
       }
-      for (int64_t k = 0; k < K; ++k) xr[k] = a_c * xr[k] + s_c * er[k];
+      noising_row(xr, er, K, a_c, s_c);
     }
     at::Tensor p_rows = pg_tile.narrow(0, r0, nr);
     at::mm_out(p_rows, xn_tile.narrow(0, r0, nr), w_t);
     double sum_abs = 0, sum_sq = 0;
+    scalar_t* col_sum = nullptr;
+    if (has_bias) {
+      col_sum = colsum_buf.data_ptr<scalar_t>() + ((t % n_sets) * max_chunks + c) * K;
+      std::fill(col_sum, col_sum + K, scalar_t(0));
+    }
     for (int64_t r = 0; r < nr; ++r) {
-      if (compute_grad) {
-        epilogue_row<scalar_t, true>(pg + r * K, eps + r * K, b_ptr, K, inv_mk, &sum_abs, &sum_sq);
+      scalar_t* pr = pg + r * K;
+      const scalar_t* er = eps + r * K;
+      if (has_bias) {
+        epilogue_row<scalar_t, true, true>(pr, er, b_ptr, K, inv_mk, col_sum, &sum_abs, &sum_sq);
+      } else if (compute_grad) {
+        epilogue_row<scalar_t, true, false>(pr, er, b_ptr, K, inv_mk, nullptr, &sum_abs, &sum_sq);
       } else {
-        epilogue_row<scalar_t, false>(pg + r * K, eps + r * K, b_ptr, K, inv_mk, &sum_abs, &sum_sq);
+        epilogue_row<scalar_t, false, false>(pr, er, b_ptr, K, inv_mk, nullptr, &sum_abs, &sum_sq);
       }
     }
     chunk_abs[c] = sum_abs;
@@ -401,7 +525,8 @@ void denoise_loss_cpu_impl(const at::Tensor& x, const at::Tensor& weight, const 
   };
 
   // Pass 2 (L2) on block blk of tile t: dL/dW_d[blk] += G[:, blk]^T x_noisy and
-  // dL/db_d[blk] += column sums of G[:, blk]; a block accumulates over the tiles in order.
+  // dL/db_d[blk] += column sums of G[:, blk] (made per chunk in pass 1); a block accumulates
+  // over the tiles in order.
   const auto pass2 = [&](int64_t t, int64_t blk) {
     const int64_t t0 = t * plan.tile_rows, rows = std::min(plan.tile_rows, M - t0);
     const int64_t j0 = blk * plan.block_rows, nj = std::min(plan.block_rows, K - j0);
@@ -409,10 +534,11 @@ void denoise_loss_cpu_impl(const at::Tensor& x, const at::Tensor& weight, const 
     at::Tensor gw_rows = grad_weight.narrow(0, j0, nj);
     gw_rows.addmm_(g_tile.narrow(1, j0, nj).t(), xn_buf[t % n_sets].narrow(0, 0, rows));
     if (has_bias) {
-      const scalar_t* g = g_tile.const_data_ptr<scalar_t>() + j0;
+      const int64_t n_chunks = (rows + plan.chunk_rows - 1) / plan.chunk_rows;
+      const scalar_t* sums = colsum_buf.const_data_ptr<scalar_t>() + (t % n_sets) * max_chunks * K + j0;
       double* acc = bias_acc.data() + j0;
-      for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t j = 0; j < nj; ++j) acc[j] += static_cast<double>(g[r * K + j]);
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        for (int64_t j = 0; j < nj; ++j) acc[j] += static_cast<double>(sums[c * K + j]);
       }
     }
   };
