@@ -60,9 +60,9 @@ struct Plan {
 
 Plan make_plan(int64_t K) {
   Plan p;
-  // Each forward call re-packs all of W_d (K x K) for BLAS: 256 rows make that a few percent
-  // of the call (measured at K = 768: 128 rows spent 8% of the GEMM time packing).
-  p.chunk_rows = 256;
+  // Each forward call re-packs all of W_d (K x K) for BLAS, so chunks are long (measured at
+  // K = 768: 128-row chunks spent 8% of the GEMM time packing, 512-row chunks about 1%).
+  p.chunk_rows = K >= 512 ? 512 : 256;
   // Tiles of about 2^20 elements (4 MiB in float32): a long reduction for the gradient GEMM
   // and several chunks per tile to share among threads; at least 2 chunks.
   p.tile_rows = p.chunk_rows * std::clamp<int64_t>((int64_t{1} << 20) / (p.chunk_rows * std::max<int64_t>(K, 1)), 2, 16);
@@ -386,9 +386,7 @@ __attribute__((target("avx2,fma"))) void epilogue_f32_avx2(float* __restrict__ p
   *abs_sum += row_abs;
   *sq_sum += row_sq;
 }
-#endif
 
-#ifdef DREP_HAVE_AVX2_PATH
 template <typename scalar_t>
 __attribute__((target("avx2,fma"))) void noising_avx2(scalar_t* xr, const scalar_t* er, int64_t n, scalar_t a,
                                                       scalar_t s) {
@@ -417,8 +415,9 @@ void epilogue_row(scalar_t* p, const scalar_t* eps, const scalar_t* bias, int64_
   if (cpu_has_avx2()) {
     if constexpr (std::is_same_v<scalar_t, float>) {
       return epilogue_f32_avx2<kGrad, kColSum>(p, eps, bias, n, inv_mk, col_sum, abs_sum, sq_sum);
+    } else {
+      return epilogue_avx2<scalar_t, kGrad, kColSum>(p, eps, bias, n, inv_mk, col_sum, abs_sum, sq_sum);
     }
-    return epilogue_avx2<scalar_t, kGrad, kColSum>(p, eps, bias, n, inv_mk, col_sum, abs_sum, sq_sum);
   }
 #endif
   epilogue_body<scalar_t, kGrad, kColSum>(p, eps, bias, n, inv_mk, col_sum, abs_sum, sq_sum);
@@ -453,8 +452,8 @@ void denoise_loss_cpu_impl(const at::Tensor& x, const at::Tensor& weight, const 
   // Temporary memory, bounded whatever M: two sets (double buffering, see below) of two
   // tile buffers, x_noisy and p/G, plus one eps buffer of a chunk per thread:
   // (4 tile_rows + threads chunk_rows) K compute-dtype elements, at most
-  // 4 max(2^20, 512 K) + threads 256 K: 16 MiB + 1 MiB per thread for K <= 2048 in float32,
-  // 25 MiB + 3 MiB per thread at K = 3072; plus O(K) and O(K tile_rows / chunk_rows) scalars.
+  // 4 max(2^20, 1024 K) + threads 512 K: in float32 16 MiB + 2 MiB per thread up to K = 1024,
+  // 48 MiB + 6 MiB per thread at K = 3072; plus O(K) and O(K tile_rows / chunk_rows) scalars.
   const int64_t tile_rows = std::min(M, plan.tile_rows);
   const int64_t n_sets = compute_grad ? 2 : 1;
   const auto opts = x.options().dtype(c10::CppTypeToScalarType<scalar_t>::value);
@@ -483,6 +482,7 @@ void denoise_loss_cpu_impl(const at::Tensor& x, const at::Tensor& weight, const 
     at::Tensor xn_tile = xn_buf[t % n_sets], pg_tile = pg_buf[t % n_sets];
     scalar_t* xn = xn_tile.data_ptr<scalar_t>() + r0 * K;
     scalar_t* pg = pg_tile.data_ptr<scalar_t>() + r0 * K;
+    TORCH_INTERNAL_ASSERT(thread < n_threads);
     scalar_t* eps = eps_buf[thread].data_ptr<scalar_t>();
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t m = t0 + r0 + r;
