@@ -105,8 +105,8 @@ def test_matches_oracle_across_tiles_and_blocks(M, K):
 def test_unsmoothed_data_float64():
     # Plain random data (D crosses 0 freely): in float64 no sign of D can flip.
     g = torch.Generator().manual_seed(7)
-    x, eps = torch.randn(130, 127, generator=g, dtype=torch.float64), torch.randn(130, 127, generator=g, dtype=torch.float64)
-    w, b = torch.randn(127, 127, generator=g, dtype=torch.float64) / 11, torch.randn(127, generator=g, dtype=torch.float64)
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    x, eps, w, b = randn(130, 127), randn(130, 127), randn(127, 127) / 11, randn(127)
     check_against_oracle(fwd(x, w, b, A, S, eps, SEED, True), x, w, b, eps, torch.float64)
 
 
@@ -400,3 +400,23 @@ def test_opcheck_public_op(bias, seeded):
         b.requires_grad_(True)
     noise, seed = (None, torch.tensor(17)) if seeded else (eps, SEED)
     torch.library.opcheck(denoise_loss_op, (x, w, b, A, S, noise, seed, "cpu", True))
+
+
+def test_compiles_fullgraph(monkeypatch):
+    # Traced through the fake kernels (aot_eager: no C++ codegen, so the test stays short).
+    monkeypatch.setenv("DREP_BACKEND", "cpu")
+    x, w, b, eps = make_inputs(9, 5, torch.float32)
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+
+    def f(x_, w_, b_, eps_):
+        return denoise_loss(x_, w_, b_, A, S, noise=eps_)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(x, w, b, eps)
+    loss.backward()
+    ref_loss, ref_gw, ref_gb = denoise_loss_grads(x, w, b, A, S, eps)
+    rtol, atol = TOL[torch.float32]
+    assert_close(loss, ref_loss, rtol, atol, "loss")
+    assert_close(w.grad, ref_gw, rtol, atol, "W_d.grad")
+    assert_close(b.grad, ref_gb, rtol, atol, "b_d.grad")

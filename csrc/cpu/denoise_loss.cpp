@@ -65,7 +65,8 @@ Plan make_plan(int64_t K) {
   p.chunk_rows = K >= 512 ? 512 : 256;
   // Tiles of about 2^20 elements (4 MiB in float32): a long reduction for the gradient GEMM
   // and several chunks per tile to share among threads; at least 2 chunks.
-  p.tile_rows = p.chunk_rows * std::clamp<int64_t>((int64_t{1} << 20) / (p.chunk_rows * std::max<int64_t>(K, 1)), 2, 16);
+  const int64_t chunks_per_tile = (int64_t{1} << 20) / (p.chunk_rows * std::max<int64_t>(K, 1));
+  p.tile_rows = p.chunk_rows * std::clamp<int64_t>(chunks_per_tile, 2, 16);
   // Gradient blocks of at most about 384 rows (smaller ones lose GEMM rate: x_noisy is
   // re-packed per call), and at least 2 once K >= 256 so that the last step has 2 items.
   p.n_blocks = std::max<int64_t>(K >= 256 ? 2 : 1, (K + 383) / 384);
