@@ -14,6 +14,7 @@ import glob
 import importlib.util
 import os
 import shutil
+import sys
 
 from setuptools import find_packages, setup
 
@@ -84,8 +85,20 @@ def _extension():
     # No -std flag: torch.utils.cpp_extension picks the standard its headers need (C++20 for
     # torch >= 2.14, C++17 before).
     cxx_flags = ["-O3"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is inline: without OpenMP in this library it silently runs on one
+        # thread. torch's own libgomp (same soname) is the runtime that gets loaded.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if not _want_cuda():
-        return CppExtension("drep_kernels._C", sources, extra_compile_args={"cxx": cxx_flags}, py_limited_api=False)
+        return CppExtension(
+            "drep_kernels._C",
+            sources,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
+            py_limited_api=False,
+        )
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
     return CUDAExtension(
@@ -94,6 +107,7 @@ def _extension():
         include_dirs=[os.path.join(ROOT, "csrc")] + _pip_cuda_include_dirs(),
         define_macros=[("DREP_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+        extra_link_args=link_flags,
     )
 
 

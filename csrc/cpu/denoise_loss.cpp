@@ -1,0 +1,651 @@
+// CPU kernel of drep::denoise_loss_fwd: the denoising loss (docs/method.md, L1) and its
+// gradients dL/dW_d, dL/db_d (L2), with the noise regenerated from its counter (N1).
+//
+// Shape of the computation. The M rows are cut into tiles, a tile into chunks (sizes in
+// make_plan: they depend on K only). Two kinds of work item:
+//   pass 1, one chunk: x_noisy = a x + s eps into the tile buffer (eps regenerated from
+//     (seed, m K + k), or read from `noise`), p = x_noisy W_d^T (one BLAS GEMM of the chunk
+//     against all of W_d), then in one sweep over p: D = p + b_d - eps, partial sums of |D|
+//     and D^2, G = (sign D + 2 D) / (M K) written over p;
+//   pass 2 (only when compute_grad), one block of rows of dL/dW_d over a whole tile:
+//     dL/dW_d[blk] += G[:, blk]^T x_noisy (one BLAS GEMM), dL/db_d[blk] += column sums of G
+//     (summed per chunk in pass 1's sweep).
+// Step t runs pass 1 of tile t and pass 2 of tile t - 1 as one pool of items (double-buffered
+// tiles), so the threads share both GEMMs' work with one barrier per tile.
+// Nothing of size M x K exists; the temporary memory is bounded by the tile sizes (see
+// denoise_loss_cpu_impl). W_d and b_d are cast once to the compute dtype (K x K + K). x and
+// noise may have any strides and any floating dtype: their rows are gathered and converted
+// straight into the tile buffers, no copy of them is made.
+//
+// Determinism (bitwise, run to run and for any torch.get_num_threads()):
+// - tile, chunk and block boundaries depend on M and K only, never on the thread count;
+// - every work item (a chunk, a block) runs whole on one thread; which thread does not matter;
+// - partial sums are combined in a fixed order (lanes, rows, chunks, tiles), in float64; no
+//   floating-point atomics (the only atomic is the integer work counter);
+// - BLAS is called only from inside an active parallel region (or with one thread), where
+//   MKL / OpenBLAS run single-threaded: a threaded GEMM may split its reduction by thread
+//   count, a single-threaded one on the same shapes and alignments does not.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "../common.h"
+#include "../philox.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define DREP_HAVE_AVX2_PATH 1
+#include <immintrin.h>
+#endif
+
+namespace drep {
+namespace {
+
+// How the rows and dL/dW_d are cut into work items. Everything here depends on K only
+// (never on the thread count), so the order of every floating-point sum is fixed.
+struct Plan {
+  int64_t chunk_rows;  // rows per pass-1 item = rows of one forward GEMM call
+  int64_t tile_rows;   // rows per tile = reduction length of one gradient GEMM call
+  int64_t block_rows;  // rows of dL/dW_d per pass-2 item
+  int64_t n_blocks;
+};
+
+Plan make_plan(int64_t K) {
+  Plan p;
+  // Each forward call re-packs all of W_d (K x K) for BLAS, so chunks are long (measured at
+  // K = 768: 128-row chunks spent 8% of the GEMM time packing, 512-row chunks about 1%).
+  p.chunk_rows = K >= 512 ? 512 : 256;
+  // Tiles of about 2^20 elements (4 MiB in float32): a long reduction for the gradient GEMM
+  // and several chunks per tile to share among threads; at least 2 chunks.
+  const int64_t chunks_per_tile = (int64_t{1} << 20) / (p.chunk_rows * std::max<int64_t>(K, 1));
+  p.tile_rows = p.chunk_rows * std::clamp<int64_t>(chunks_per_tile, 2, 16);
+  // Gradient blocks of at most about 384 rows (smaller ones lose GEMM rate: x_noisy is
+  // re-packed per call), and at least 2 once K >= 256 so that the last step has 2 items.
+  p.n_blocks = std::max<int64_t>(K >= 256 ? 2 : 1, (K + 383) / 384);
+  p.block_rows = (K + p.n_blocks - 1) / p.n_blocks;
+  p.n_blocks = (K + p.block_rows - 1) / p.block_rows;
+  return p;
+}
+
+// The AVX2 + FMA code paths are taken on machines that have them (decided once per process).
+bool cpu_has_avx2() {
+#ifdef DREP_HAVE_AVX2_PATH
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return avx2;
+#else
+  return false;
+#endif
+}
+
+// Independent partial sums per row in the epilogue (fixed, so vectorisable and deterministic).
+constexpr int kLanes = 8;
+
+// ---------------------------------------------------------------------------------------
+// Noise (N1): eps[i] = sqrt(-2 ln u1) cos(2 pi u2) from Philox4x32-10(seed, counter i).
+
+void noise_row_scalar(uint64_t seed, uint64_t first, int64_t n, float* out) {
+  for (int64_t k = 0; k < n; ++k) {
+    out[k] = philox_normal(seed, first + static_cast<uint64_t>(k));
+  }
+}
+
+#ifdef DREP_HAVE_AVX2_PATH
+// Eight Philox streams at once: the integer stream is bit-for-bit csrc/philox.h; log and cos
+// are Cephes-style float polynomials (about 1 ulp), so eps matches philox_normal to the
+// rounding of log and cos, which is all N1 promises across backends.
+
+#define DREP_AVX2 __attribute__((target("avx2,fma")))
+
+// uint32 word -> int32 -> fold negatives onto [0, 2^31) -> [0, 1), as word_to_uniform.
+DREP_AVX2 inline __m256 uniform8(__m256i w) {
+  const __m256i folded = _mm256_xor_si256(w, _mm256_srai_epi32(w, 31));  // v < 0: ~v = -v - 1
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(folded), _mm256_set1_ps(4.6566127342e-10f));
+}
+
+// Natural log of positive normal floats (here u1 in [1e-7, 1)): x = m 2^e with m in
+// [sqrt(1/2), sqrt(2)), ln x = e ln 2 + ln(1 + f), f = m - 1, ln(1 + f) by Cephes' logf
+// polynomial; ln 2 is split in two so e ln 2 adds no rounding.
+DREP_AVX2 inline __m256 log8(__m256 x) {
+  const __m256i bits = _mm256_castps_si256(x);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
+  const __m256 m = _mm256_castsi256_ps(
+      _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007FFFFF)), _mm256_set1_epi32(0x3F000000)));
+  const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+  e = _mm256_sub_ps(e, _mm256_and_ps(small, one));
+  const __m256 f = _mm256_add_ps(_mm256_sub_ps(m, one), _mm256_and_ps(small, m));  // exact
+  const __m256 z = _mm256_mul_ps(f, f);
+  __m256 y = _mm256_set1_ps(7.0376836292e-2f);
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.1514610310e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.1676998740e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.2420140846e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.4249322787e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.6668057665e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(2.0000714765e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-2.4999993993e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(3.3333331174e-1f));
+  y = _mm256_mul_ps(_mm256_mul_ps(y, f), z);
+  y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
+  y = _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), z, y);
+  return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(f, y));
+}
+
+// cos x for x in [0, 2 pi]: x = r + j pi/4 with j even and |r| <= pi/4 (pi/4 split in three
+// so the reduction is exact to float), then +-cos r or +-sin r by Cephes' sinf/cosf polynomials.
+DREP_AVX2 inline __m256 cos8(__m256 x) {
+  __m256i j = _mm256_cvttps_epi32(_mm256_mul_ps(x, _mm256_set1_ps(1.27323954473516f)));  // 4 / pi
+  j = _mm256_and_si256(_mm256_add_epi32(j, _mm256_set1_epi32(1)), _mm256_set1_epi32(~1));
+  const __m256 y = _mm256_cvtepi32_ps(j);
+  __m256 r = _mm256_fnmadd_ps(y, _mm256_set1_ps(0.78515625f), x);
+  r = _mm256_fnmadd_ps(y, _mm256_set1_ps(2.4187564849853515625e-4f), r);
+  r = _mm256_fnmadd_ps(y, _mm256_set1_ps(3.77489497744594108e-8f), r);
+  const __m256 z = _mm256_mul_ps(r, r);
+  __m256 c = _mm256_set1_ps(2.443315711809948e-5f);
+  c = _mm256_fmadd_ps(c, z, _mm256_set1_ps(-1.388731625493765e-3f));
+  c = _mm256_fmadd_ps(c, z, _mm256_set1_ps(4.166664568298827e-2f));
+  c = _mm256_mul_ps(_mm256_mul_ps(c, z), z);
+  c = _mm256_add_ps(_mm256_fnmadd_ps(_mm256_set1_ps(0.5f), z, c), _mm256_set1_ps(1.0f));
+  __m256 s = _mm256_set1_ps(-1.9515295891e-4f);
+  s = _mm256_fmadd_ps(s, z, _mm256_set1_ps(8.3321608736e-3f));
+  s = _mm256_fmadd_ps(s, z, _mm256_set1_ps(-1.6666654611e-1f));
+  s = _mm256_fmadd_ps(_mm256_mul_ps(s, z), r, r);
+  // q = j / 2 mod 4 picks cos r, -sin r, -cos r, sin r.
+  const __m256i q = _mm256_srli_epi32(j, 1);
+  const __m256 use_sin = _mm256_castsi256_ps(
+      _mm256_cmpeq_epi32(_mm256_and_si256(q, _mm256_set1_epi32(1)), _mm256_set1_epi32(1)));
+  const __m256 sign = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_and_si256(_mm256_add_epi32(q, _mm256_set1_epi32(1)), _mm256_set1_epi32(2)), 30));
+  return _mm256_xor_ps(_mm256_blendv_ps(c, s, use_sin), sign);
+}
+
+// Philox4x32-10 for four counters, one per 64-bit slot: a state word lives in the low half
+// of its slot (the high half is ignored), so _mm256_mul_epu32 yields both product words with
+// no shuffling. `ctr` holds the 64-bit counters i = (i_lo, i_hi) in place: low half c0, high
+// half c1. Returns the first two output words, each in the low half of its slot.
+DREP_AVX2 inline void philox4(__m256i ctr, const uint32_t* key0, const uint32_t* key1, __m256i* w0, __m256i* w1) {
+  const __m256i round_a = _mm256_set1_epi64x(0xD2511F53u);
+  const __m256i round_b = _mm256_set1_epi64x(0xCD9E8D57u);
+  // Round 0: c2 = c3 = 0, so the B product vanishes.
+  __m256i prod_a = _mm256_mul_epu32(ctr, round_a);
+  __m256i c0 = _mm256_xor_si256(_mm256_srli_epi64(ctr, 32), _mm256_set1_epi32(static_cast<int>(key0[0])));
+  __m256i c1 = _mm256_setzero_si256();
+  __m256i c2 = _mm256_xor_si256(_mm256_srli_epi64(prod_a, 32), _mm256_set1_epi32(static_cast<int>(key1[0])));
+  __m256i c3 = prod_a;
+  for (int r = 1; r < 10; ++r) {
+    const __m256i prod_b = _mm256_mul_epu32(c2, round_b);
+    prod_a = _mm256_mul_epu32(c0, round_a);
+    c0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(prod_b, 32), c1),
+                          _mm256_set1_epi32(static_cast<int>(key0[r])));
+    c2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(prod_a, 32), c3),
+                          _mm256_set1_epi32(static_cast<int>(key1[r])));
+    c1 = prod_b;
+    c3 = prod_a;
+  }
+  *w0 = c0;
+  *w1 = c1;
+}
+
+// The low halves of the slots of a = (i, i+1, i+4, i+5) and b = (i+2, i+3, i+6, i+7),
+// as eight 32-bit lanes i .. i+7 in order.
+DREP_AVX2 inline __m256i pack_low_halves(__m256i a, __m256i b) {
+  return _mm256_castps_si256(
+      _mm256_shuffle_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(b), _MM_SHUFFLE(2, 0, 2, 0)));
+}
+
+DREP_AVX2 void noise_row_avx2(uint64_t seed, uint64_t first, int64_t n, float* out) {
+  uint32_t key0[10], key1[10];
+  key0[0] = static_cast<uint32_t>(seed);
+  key1[0] = static_cast<uint32_t>(seed >> 32);
+  for (int r = 1; r < 10; ++r) {
+    key0[r] = key0[r - 1] + 0x9E3779B9u;
+    key1[r] = key1[r - 1] + 0xBB67AE85u;
+  }
+  const __m256i offs_a = _mm256_setr_epi64x(0, 1, 4, 5);
+  const __m256i offs_b = _mm256_setr_epi64x(2, 3, 6, 7);
+  for (int64_t k = 0; k < n; k += 8) {
+    const __m256i base = _mm256_set1_epi64x(static_cast<long long>(first + static_cast<uint64_t>(k)));
+    __m256i w0a, w1a, w0b, w1b;
+    philox4(_mm256_add_epi64(base, offs_a), key0, key1, &w0a, &w1a);
+    philox4(_mm256_add_epi64(base, offs_b), key0, key1, &w0b, &w1b);
+    const __m256 u1 = _mm256_max_ps(uniform8(pack_low_halves(w0a, w0b)), _mm256_set1_ps(1.0e-7f));
+    const __m256 u2 = uniform8(pack_low_halves(w1a, w1b));
+    const __m256 radius = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), log8(u1)));
+    const __m256 eps = _mm256_mul_ps(radius, cos8(_mm256_mul_ps(_mm256_set1_ps(6.283185307179586f), u2)));
+    if (k + 8 <= n) {
+      _mm256_storeu_ps(out + k, eps);
+    } else {
+      alignas(32) float tail[8];
+      _mm256_store_ps(tail, eps);
+      std::memcpy(out + k, tail, static_cast<size_t>(n - k) * sizeof(float));
+    }
+  }
+}
+#undef DREP_AVX2
+#endif  // DREP_HAVE_AVX2_PATH
+
+// eps for the n consecutive flat indices first, first + 1, ... (a row: first = m K).
+// The path depends on the machine only, so every row of every run takes the same one.
+void noise_row(uint64_t seed, uint64_t first, int64_t n, float* out) {
+#ifdef DREP_HAVE_AVX2_PATH
+  if (cpu_has_avx2()) {
+    noise_row_avx2(seed, first, n, out);
+    return;
+  }
+#endif
+  noise_row_scalar(seed, first, n, out);
+}
+
+// ---------------------------------------------------------------------------------------
+// Strided rows of any floating dtype, converted into a contiguous compute-dtype row.
+
+template <typename scalar_t>
+using RowLoader = void (*)(const char* row, int64_t stride, int64_t n, scalar_t* out);
+
+template <typename src_t, typename scalar_t>
+void load_row(const char* row, int64_t stride, int64_t n, scalar_t* out) {
+  const src_t* p = reinterpret_cast<const src_t*>(row);
+  if (stride == 1) {
+    for (int64_t k = 0; k < n; ++k) out[k] = static_cast<scalar_t>(p[k]);
+  } else {
+    for (int64_t k = 0; k < n; ++k) out[k] = static_cast<scalar_t>(p[k * stride]);
+  }
+}
+
+template <typename scalar_t>
+RowLoader<scalar_t> row_loader(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return &load_row<float, scalar_t>;
+    case at::kDouble: return &load_row<double, scalar_t>;
+    case at::kHalf: return &load_row<at::Half, scalar_t>;
+    case at::kBFloat16: return &load_row<at::BFloat16, scalar_t>;
+    default: TORCH_CHECK(false, "denoise_loss_fwd: unsupported dtype ", t);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Work distribution.
+
+// Runs item(i) for every i in [0, n) on torch's intra-op threads, each item whole on one
+// thread, items taken from a shared counter (a core lost to another process delays only the
+// items it would have taken). At least two slots are opened when torch has two or more
+// threads, so items always run inside an active parallel region, where BLAS is single-
+// threaded; with one thread the region is inline and BLAS has one thread anyway.
+// item(i, thread) also gets its thread's index in [0, at::get_num_threads()), for scratch.
+// The caller's thread-local state (autograd mode, dispatch keys) is carried into the worker
+// threads, so the ATen calls inside items dispatch as they would on the calling thread.
+template <typename F>
+void run_items(int64_t n, const F& item) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t slots = std::max<int64_t>(2, std::min<int64_t>(n, at::get_num_threads()));
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, slots, 1, [&](int64_t, int64_t) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
+    const int thread = at::get_thread_num();
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) item(i, thread);
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Elementwise row passes. Each body is written once and compiled twice: for the baseline ISA
+// and, on x86-64, for AVX2 + FMA (see cpu_has_avx2).
+
+// L1 noising in place over the row holding x: x_noisy = a x + s eps.
+template <typename scalar_t>
+C10_ALWAYS_INLINE void noising_body(scalar_t* __restrict__ xr, const scalar_t* __restrict__ er, int64_t n, scalar_t a,
+                                    scalar_t s) {
+  for (int64_t k = 0; k < n; ++k) xr[k] = a * xr[k] + s * er[k];
+}
+
+// L1 epilogue for one row, in place: p <- G = (sign D + 2 D) / (M K) (L2) with
+// D = p + b - eps; sums of |D| and D^2 added to the row totals; with kColSum, G added to the
+// chunk's column sums (for dL/db_d). kLanes independent partial sums in the compute dtype,
+// reduced in a fixed order into float64.
+template <typename scalar_t, bool kGrad, bool kColSum>
+C10_ALWAYS_INLINE void epilogue_element(scalar_t* __restrict__ p, const scalar_t* __restrict__ eps,
+                                        const scalar_t* __restrict__ bias, int64_t k, scalar_t inv_mk,
+                                        scalar_t* __restrict__ col_sum, scalar_t& acc_abs, scalar_t& acc_sq) {
+  const scalar_t d = p[k] + bias[k] - eps[k];
+  acc_abs += std::abs(d);
+  acc_sq += d * d;
+  if constexpr (kGrad) {
+    const scalar_t sign = (d > 0 ? scalar_t(1) : scalar_t(0)) - (d < 0 ? scalar_t(1) : scalar_t(0));
+    const scalar_t g = (sign + 2 * d) * inv_mk;
+    p[k] = g;
+    if constexpr (kColSum) col_sum[k] += g;
+  }
+}
+
+template <typename scalar_t, bool kGrad, bool kColSum>
+C10_ALWAYS_INLINE void epilogue_body(scalar_t* __restrict__ p, const scalar_t* __restrict__ eps,
+                                     const scalar_t* __restrict__ bias, int64_t n, scalar_t inv_mk,
+                                     scalar_t* __restrict__ col_sum, double* abs_sum, double* sq_sum) {
+  scalar_t acc_abs[kLanes] = {}, acc_sq[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      epilogue_element<scalar_t, kGrad, kColSum>(p, eps, bias, k + l, inv_mk, col_sum, acc_abs[l], acc_sq[l]);
+    }
+  }
+  for (int l = 0; k < n; ++k, ++l) {
+    epilogue_element<scalar_t, kGrad, kColSum>(p, eps, bias, k, inv_mk, col_sum, acc_abs[l], acc_sq[l]);
+  }
+  double row_abs = 0, row_sq = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    row_abs += acc_abs[l];
+    row_sq += acc_sq[l];
+  }
+  *abs_sum += row_abs;
+  *sq_sum += row_sq;
+}
+
+#ifdef DREP_HAVE_AVX2_PATH
+// The float32 epilogue_body in AVX2 intrinsics (the compiler does not vectorise the generic
+// one well): lane l of the accumulators holds the elements k = l mod 8, as there.
+template <bool kGrad, bool kColSum>
+__attribute__((target("avx2,fma"))) void epilogue_f32_avx2(float* __restrict__ p, const float* __restrict__ eps,
+                                                           const float* __restrict__ bias, int64_t n, float inv_mk,
+                                                           float* __restrict__ col_sum, double* abs_sum,
+                                                           double* sq_sum) {
+  const __m256 zero = _mm256_setzero_ps(), minus_zero = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+  const __m256 two = _mm256_set1_ps(2.0f), inv = _mm256_set1_ps(inv_mk);
+  __m256 acc_abs = zero, acc_sq = zero;
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m256 d = _mm256_sub_ps(_mm256_add_ps(_mm256_loadu_ps(p + k), _mm256_loadu_ps(bias + k)),
+                                   _mm256_loadu_ps(eps + k));
+    acc_abs = _mm256_add_ps(acc_abs, _mm256_andnot_ps(minus_zero, d));
+    acc_sq = _mm256_fmadd_ps(d, d, acc_sq);
+    if constexpr (kGrad) {
+      // sign(d): 1 carrying d's sign bit, masked to 0 where d == 0.
+      const __m256 sign = _mm256_and_ps(_mm256_or_ps(_mm256_and_ps(d, minus_zero), one),
+                                        _mm256_cmp_ps(d, zero, _CMP_NEQ_OQ));
+      const __m256 g = _mm256_mul_ps(_mm256_fmadd_ps(two, d, sign), inv);
+      _mm256_storeu_ps(p + k, g);
+      if constexpr (kColSum) _mm256_storeu_ps(col_sum + k, _mm256_add_ps(_mm256_loadu_ps(col_sum + k), g));
+    }
+  }
+  alignas(32) float lanes_abs[8], lanes_sq[8];
+  _mm256_store_ps(lanes_abs, acc_abs);
+  _mm256_store_ps(lanes_sq, acc_sq);
+  for (int l = 0; k < n; ++k, ++l) {
+    epilogue_element<float, kGrad, kColSum>(p, eps, bias, k, inv_mk, col_sum, lanes_abs[l], lanes_sq[l]);
+  }
+  double row_abs = 0, row_sq = 0;
+  for (int l = 0; l < 8; ++l) {
+    row_abs += lanes_abs[l];
+    row_sq += lanes_sq[l];
+  }
+  *abs_sum += row_abs;
+  *sq_sum += row_sq;
+}
+
+template <typename scalar_t>
+__attribute__((target("avx2,fma"))) void noising_avx2(scalar_t* xr, const scalar_t* er, int64_t n, scalar_t a,
+                                                      scalar_t s) {
+  noising_body(xr, er, n, a, s);
+}
+template <typename scalar_t, bool kGrad, bool kColSum>
+__attribute__((target("avx2,fma"))) void epilogue_avx2(scalar_t* p, const scalar_t* eps, const scalar_t* bias,
+                                                       int64_t n, scalar_t inv_mk, scalar_t* col_sum,
+                                                       double* abs_sum, double* sq_sum) {
+  epilogue_body<scalar_t, kGrad, kColSum>(p, eps, bias, n, inv_mk, col_sum, abs_sum, sq_sum);
+}
+#endif
+
+template <typename scalar_t>
+void noising_row(scalar_t* xr, const scalar_t* er, int64_t n, scalar_t a, scalar_t s) {
+#ifdef DREP_HAVE_AVX2_PATH
+  if (cpu_has_avx2()) return noising_avx2(xr, er, n, a, s);
+#endif
+  noising_body(xr, er, n, a, s);
+}
+
+template <typename scalar_t, bool kGrad, bool kColSum>
+void epilogue_row(scalar_t* p, const scalar_t* eps, const scalar_t* bias, int64_t n, scalar_t inv_mk,
+                  scalar_t* col_sum, double* abs_sum, double* sq_sum) {
+#ifdef DREP_HAVE_AVX2_PATH
+  if (cpu_has_avx2()) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      return epilogue_f32_avx2<kGrad, kColSum>(p, eps, bias, n, inv_mk, col_sum, abs_sum, sq_sum);
+    } else {
+      return epilogue_avx2<scalar_t, kGrad, kColSum>(p, eps, bias, n, inv_mk, col_sum, abs_sum, sq_sum);
+    }
+  }
+#endif
+  epilogue_body<scalar_t, kGrad, kColSum>(p, eps, bias, n, inv_mk, col_sum, abs_sum, sq_sum);
+}
+
+template <typename scalar_t>
+void denoise_loss_cpu_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double a,
+                           double s, const std::optional<at::Tensor>& noise, uint64_t seed, bool compute_grad,
+                           at::Tensor& loss, at::Tensor& grad_weight, at::Tensor& grad_bias) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const Plan plan = make_plan(K);
+  const bool has_bias = grad_bias.numel() > 0;
+  const scalar_t a_c = static_cast<scalar_t>(a), s_c = static_cast<scalar_t>(s);
+  const scalar_t inv_mk = static_cast<scalar_t>(1.0 / (static_cast<double>(M) * static_cast<double>(K)));
+
+  const at::Tensor w_t = weight.t();  // p = x_noisy W_d^T: BLAS reads W_d transposed in place
+  const scalar_t* b_ptr = bias.const_data_ptr<scalar_t>();
+
+  const RowLoader<scalar_t> load_x = row_loader<scalar_t>(x.scalar_type());
+  const char* x_base = static_cast<const char*>(x.const_data_ptr());
+  const int64_t x_row = x.stride(0) * x.element_size(), x_col = x.stride(1);
+  RowLoader<scalar_t> load_noise = nullptr;
+  const char* n_base = nullptr;
+  int64_t n_row = 0, n_col = 0;
+  if (noise.has_value()) {
+    load_noise = row_loader<scalar_t>(noise->scalar_type());
+    n_base = static_cast<const char*>(noise->const_data_ptr());
+    n_row = noise->stride(0) * noise->element_size();
+    n_col = noise->stride(1);
+  }
+
+  // Temporary memory, bounded whatever M: two sets (double buffering, see below) of two
+  // tile buffers, x_noisy and p/G, plus one eps buffer of a chunk per thread:
+  // (4 tile_rows + threads chunk_rows) K compute-dtype elements, at most
+  // 4 max(2^20, 1024 K) + threads 512 K: in float32 16 MiB + 2 MiB per thread up to K = 1024,
+  // 48 MiB + 6 MiB per thread at K = 3072; plus O(K) and O(K tile_rows / chunk_rows) scalars.
+  const int64_t tile_rows = std::min(M, plan.tile_rows);
+  const int64_t n_sets = compute_grad ? 2 : 1;
+  const auto opts = x.options().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  at::Tensor xn_buf = at::empty({n_sets, tile_rows, K}, opts);
+  at::Tensor pg_buf = at::empty({n_sets, tile_rows, K}, opts);  // p, then G in place
+  const int64_t n_threads = at::get_num_threads();
+  at::Tensor eps_buf = at::empty({n_threads, std::min(M, plan.chunk_rows), K}, opts);
+  std::vector<float> eps_f32;  // float noise before widening, float64 only
+  if (!std::is_same_v<scalar_t, float> && load_noise == nullptr) {
+    eps_f32.resize(static_cast<size_t>(n_threads * K));
+  }
+
+  const int64_t n_tiles = (M + plan.tile_rows - 1) / plan.tile_rows;
+  const int64_t max_chunks = (tile_rows + plan.chunk_rows - 1) / plan.chunk_rows;
+  // Column sums of G per chunk (dL/db_d), summed over the chunks in order in pass 2.
+  at::Tensor colsum_buf = at::empty({has_bias ? n_sets : 0, max_chunks, K}, opts);
+  std::vector<double> chunk_abs(max_chunks), chunk_sq(max_chunks);
+  std::vector<double> bias_acc(has_bias ? K : 0, 0.0);
+  double total_abs = 0, total_sq = 0;
+
+  // Pass 1 on chunk c of tile t: N1 noise and L1 noising into the tile buffer, the forward
+  // GEMM p = x_noisy W_d^T, then the epilogue (L1 partial sums, L2's G over p).
+  const auto pass1 = [&](int64_t t, int64_t c, int thread) {
+    const int64_t t0 = t * plan.tile_rows, rows = std::min(plan.tile_rows, M - t0);
+    const int64_t r0 = c * plan.chunk_rows, nr = std::min(plan.chunk_rows, rows - r0);
+    at::Tensor xn_tile = xn_buf[t % n_sets], pg_tile = pg_buf[t % n_sets];
+    scalar_t* xn = xn_tile.data_ptr<scalar_t>() + r0 * K;
+    scalar_t* pg = pg_tile.data_ptr<scalar_t>() + r0 * K;
+    TORCH_INTERNAL_ASSERT(thread < n_threads);
+    scalar_t* eps = eps_buf[thread].data_ptr<scalar_t>();
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t m = t0 + r0 + r;
+      const uint64_t first = static_cast<uint64_t>(m) * static_cast<uint64_t>(K);  // N1: i = m K + k
+      scalar_t* xr = xn + r * K;
+      scalar_t* er = eps + r * K;
+      load_x(x_base + m * x_row, x_col, K, xr);
+      if (load_noise != nullptr) {
+        load_noise(n_base + m * n_row, n_col, K, er);
+      } else if constexpr (std::is_same_v<scalar_t, float>) {
+        noise_row(seed, first, K, er);
+      } else {
+        float* ef = eps_f32.data() + thread * K;
+        noise_row(seed, first, K, ef);
+        for (int64_t k = 0; k < K; ++k) er[k] = static_cast<scalar_t>(ef[k]);
+      }
+      noising_row(xr, er, K, a_c, s_c);
+    }
+    at::Tensor p_rows = pg_tile.narrow(0, r0, nr);
+    at::mm_out(p_rows, xn_tile.narrow(0, r0, nr), w_t);
+    double sum_abs = 0, sum_sq = 0;
+    scalar_t* col_sum = nullptr;
+    if (has_bias) {
+      col_sum = colsum_buf.data_ptr<scalar_t>() + ((t % n_sets) * max_chunks + c) * K;
+      std::fill(col_sum, col_sum + K, scalar_t(0));
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      scalar_t* pr = pg + r * K;
+      const scalar_t* er = eps + r * K;
+      if (has_bias) {
+        epilogue_row<scalar_t, true, true>(pr, er, b_ptr, K, inv_mk, col_sum, &sum_abs, &sum_sq);
+      } else if (compute_grad) {
+        epilogue_row<scalar_t, true, false>(pr, er, b_ptr, K, inv_mk, nullptr, &sum_abs, &sum_sq);
+      } else {
+        epilogue_row<scalar_t, false, false>(pr, er, b_ptr, K, inv_mk, nullptr, &sum_abs, &sum_sq);
+      }
+    }
+    chunk_abs[c] = sum_abs;
+    chunk_sq[c] = sum_sq;
+  };
+
+  // Pass 2 (L2) on block blk of tile t: dL/dW_d[blk] += G[:, blk]^T x_noisy and
+  // dL/db_d[blk] += column sums of G[:, blk] (made per chunk in pass 1); a block accumulates
+  // over the tiles in order.
+  const auto pass2 = [&](int64_t t, int64_t blk) {
+    const int64_t t0 = t * plan.tile_rows, rows = std::min(plan.tile_rows, M - t0);
+    const int64_t j0 = blk * plan.block_rows, nj = std::min(plan.block_rows, K - j0);
+    const at::Tensor g_tile = pg_buf[t % n_sets].narrow(0, 0, rows);
+    at::Tensor gw_rows = grad_weight.narrow(0, j0, nj);
+    gw_rows.addmm_(g_tile.narrow(1, j0, nj).t(), xn_buf[t % n_sets].narrow(0, 0, rows));
+    if (has_bias) {
+      const int64_t n_chunks = (rows + plan.chunk_rows - 1) / plan.chunk_rows;
+      const scalar_t* sums = colsum_buf.const_data_ptr<scalar_t>() + (t % n_sets) * max_chunks * K + j0;
+      double* acc = bias_acc.data() + j0;
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        for (int64_t j = 0; j < nj; ++j) acc[j] += static_cast<double>(sums[c * K + j]);
+      }
+    }
+  };
+
+  // Step t runs pass 1 of tile t together with pass 2 of tile t - 1 (they use different
+  // buffer sets), so one pool of items keeps every thread busy and there is one barrier
+  // per tile. Items are taken largest kind first.
+  const double pass1_cost = static_cast<double>(plan.chunk_rows) * K;
+  const double pass2_cost = static_cast<double>(plan.block_rows) * std::min(M, plan.tile_rows);
+  const bool pass2_first = pass2_cost > pass1_cost;
+  for (int64_t t = 0; t <= n_tiles; ++t) {
+    const int64_t n1 = t < n_tiles ? (std::min(plan.tile_rows, M - t * plan.tile_rows) + plan.chunk_rows - 1) /
+                                         plan.chunk_rows
+                                   : 0;
+    const int64_t n2 = compute_grad && t > 0 ? plan.n_blocks : 0;
+    run_items(n1 + n2, [&](int64_t i, int thread) {
+      const bool is_pass2 = pass2_first ? i < n2 : i >= n1;
+      if (is_pass2) {
+        pass2(t - 1, pass2_first ? i : i - n1);
+      } else {
+        pass1(t, pass2_first ? i - n2 : i, thread);
+      }
+    });
+    for (int64_t c = 0; c < n1; ++c) {
+      total_abs += chunk_abs[c];
+      total_sq += chunk_sq[c];
+    }
+  }
+
+  loss.fill_((total_abs + total_sq) / (static_cast<double>(M) * static_cast<double>(K)));
+  if (has_bias) {
+    scalar_t* gb = grad_bias.data_ptr<scalar_t>();
+    for (int64_t j = 0; j < K; ++j) gb[j] = static_cast<scalar_t>(bias_acc[j]);
+  }
+}
+
+bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_loss_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& denoise_weight, const std::optional<at::Tensor>& denoise_bias, double a,
+    double s, const std::optional<at::Tensor>& noise, const at::Tensor& seed, bool compute_grad) {
+  TORCH_CHECK(x.dim() == 2, "denoise_loss_fwd: x must be 2-D (M, K), got ", x.sizes());
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(denoise_weight.sizes() == at::IntArrayRef({K, K}), "denoise_loss_fwd: denoise_weight must be (", K,
+              ", ", K, "), got ", denoise_weight.sizes());
+  TORCH_CHECK(!denoise_bias.has_value() || denoise_bias->sizes() == at::IntArrayRef({K}),
+              "denoise_loss_fwd: denoise_bias must be (", K, ",)");
+  TORCH_CHECK(!noise.has_value() || noise->sizes() == x.sizes(), "denoise_loss_fwd: noise must be (", M, ", ", K,
+              "), got ", noise.has_value() ? noise->sizes() : at::IntArrayRef{});
+  TORCH_CHECK(is_float_dtype(x.scalar_type()) && is_float_dtype(denoise_weight.scalar_type()) &&
+                  (!denoise_bias.has_value() || is_float_dtype(denoise_bias->scalar_type())) &&
+                  (!noise.has_value() || is_float_dtype(noise->scalar_type())),
+              "denoise_loss_fwd: x, denoise_weight, denoise_bias and noise must be float16, bfloat16, float32 or "
+              "float64");
+  TORCH_CHECK(x.device().is_cpu() && denoise_weight.device().is_cpu() &&
+                  (!denoise_bias.has_value() || denoise_bias->device().is_cpu()) &&
+                  (!noise.has_value() || noise->device().is_cpu()),
+              "denoise_loss_fwd (CPU kernel): all tensors must be on the CPU");
+  TORCH_CHECK(seed.dim() == 0 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
+              "denoise_loss_fwd: seed must be a 0-d int64 CPU tensor");
+
+  const auto cdt = compute_dtype(x.scalar_type());
+  const auto opts = x.options().dtype(cdt);
+  at::Tensor loss = at::zeros({}, opts);
+  at::Tensor grad_weight = compute_grad ? at::zeros({K, K}, opts) : at::empty({0}, opts);
+  at::Tensor grad_bias =
+      compute_grad && denoise_bias.has_value() ? at::zeros({K}, opts) : at::empty({0}, opts);
+  if (M == 0 || K == 0) {
+    return {loss, grad_weight, grad_bias};  // an empty batch has loss 0, not 0/0
+  }
+  // The seed is read only for in-kernel noise; given noise leaves it unused.
+  const uint64_t seed_value = noise.has_value() ? 0 : static_cast<uint64_t>(seed.item<int64_t>());
+  // K x K and K: cast once (a copy only when the dtype differs or the layout is not dense).
+  // Detached: the BLAS calls on them must not record autograd history (this op has none).
+  const at::Tensor weight = denoise_weight.detach().to(cdt).contiguous();
+  const at::Tensor bias =
+      denoise_bias.has_value() ? denoise_bias->detach().to(cdt).contiguous() : at::zeros({K}, opts);
+  AT_DISPATCH_FLOATING_TYPES(cdt, "denoise_loss_fwd_cpu", [&] {
+    denoise_loss_cpu_impl<scalar_t>(x, weight, bias, a, s, noise, seed_value, compute_grad, loss, grad_weight,
+                                    grad_bias);
+  });
+  return {loss, grad_weight, grad_bias};
+}
+
+// Test hook: this kernel's own eps (N1) for the flat indices first, first + 1, ...,
+// first + count - 1 (tests compare it with drep_kernels.rng at indices past 2^32).
+at::Tensor denoise_noise_cpu(const at::Tensor& seed, int64_t first, int64_t count) {
+  TORCH_CHECK(seed.dim() == 0 && seed.scalar_type() == at::kLong, "seed must be a 0-d int64 tensor");
+  TORCH_CHECK(count >= 0, "count must be >= 0");
+  at::Tensor out = at::empty({count}, seed.options().dtype(at::kFloat));
+  noise_row(static_cast<uint64_t>(seed.item<int64_t>()), static_cast<uint64_t>(first), count,
+            out.data_ptr<float>());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(drep, m) {
+  m.def("_denoise_noise_cpu(Tensor seed, int first, int count) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(drep, CPU, m) {
+  m.impl("denoise_loss_fwd", &denoise_loss_fwd_cpu);
+  m.impl("_denoise_noise_cpu", &denoise_noise_cpu);
+}
+
+}  // namespace drep
