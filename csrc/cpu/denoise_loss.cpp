@@ -34,6 +34,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -75,10 +76,15 @@ Plan make_plan(int64_t K) {
   return p;
 }
 
-// The AVX2 + FMA code paths are taken on machines that have them (decided once per process).
+// The AVX2 + FMA code paths are taken on machines that have them (decided once per process;
+// DREP_CPU_NO_AVX2=1 forces the baseline paths, which is how the tests reach them).
 bool cpu_has_avx2() {
 #ifdef DREP_HAVE_AVX2_PATH
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool avx2 = [] {
+    const char* off = std::getenv("DREP_CPU_NO_AVX2");
+    const bool forced_off = off != nullptr && off[0] != '\0' && std::strcmp(off, "0") != 0;
+    return !forced_off && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
   return avx2;
 #else
   return false;
