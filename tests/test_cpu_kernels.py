@@ -421,3 +421,40 @@ def test_compiles_fullgraph(monkeypatch):
     assert_close(loss, ref_loss, rtol, atol, "loss")
     assert_close(w.grad, ref_gw, rtol, atol, "W_d.grad")
     assert_close(b.grad, ref_gb, rtol, atol, "b_d.grad")
+
+
+BASELINE_SCRIPT = """
+import torch
+from drep_kernels import rng
+from drep_kernels.backends import kernels
+import test_cpu_kernels as t
+
+fwd = t.fwd
+for seed, first in [(1234, 0), (2**32 + 7, 2**32 - 13)]:
+    index = torch.arange(first, first + 37, dtype=torch.int64)
+    torch.testing.assert_close(t.kernel_noise(seed, first, 37), rng.normal_from_index(seed, index), rtol=2e-6, atol=2e-6)
+for dtype in (torch.float32, torch.float64, torch.bfloat16):
+    for bias in (True, False):
+        x, w, b, eps = t.make_inputs(130, 13, dtype, bias=bias)
+        t.check_against_oracle(fwd(x, w, b, t.A, t.S, eps, t.SEED, True), x, w, b, eps, dtype)
+        seed = torch.tensor(5)
+        got = fwd(x, w, b, t.A, t.S, None, seed, True)
+        want = kernels("torch").denoise_loss_fwd(x, w, b, t.A, t.S, None, seed, True)
+        for g, r in zip(got, want):
+            t.assert_close(g, r, 1e-5, 1e-7)
+print("baseline ok")
+"""
+
+
+def test_baseline_isa_paths():
+    # The scalar noise (csrc/philox.h) and the generic epilogue, which machines without AVX2
+    # run: forced with DREP_CPU_NO_AVX2 in a fresh process (the choice is made once).
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, DREP_CPU_NO_AVX2="1")
+    env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in sys.path if p])
+    out = subprocess.run([sys.executable, "-c", BASELINE_SCRIPT], env=env, cwd=here, capture_output=True, text=True)
+    assert out.returncode == 0 and "baseline ok" in out.stdout, out.stdout + out.stderr

@@ -18,13 +18,15 @@
 // straight into the tile buffers, no copy of them is made.
 //
 // Determinism (bitwise, run to run and for any torch.get_num_threads()):
-// - tile, chunk and block boundaries depend on M and K only, never on the thread count;
+// - tile, chunk and block boundaries depend on K only, never on the thread count;
 // - every work item (a chunk, a block) runs whole on one thread; which thread does not matter;
-// - partial sums are combined in a fixed order (lanes, rows, chunks, tiles), in float64; no
-//   floating-point atomics (the only atomic is the integer work counter);
+// - partial sums are combined in a fixed order: 8 lanes and chunk column sums in the compute
+//   dtype, then rows, chunks and tiles in float64; no floating-point atomics (the only atomic
+//   is the integer work counter);
 // - BLAS is called only from inside an active parallel region (or with one thread), where
-//   MKL / OpenBLAS run single-threaded: a threaded GEMM may split its reduction by thread
-//   count, a single-threaded one on the same shapes and alignments does not.
+//   MKL / OpenBLAS run single-threaded (checked for torch's MKL: the other thread stays idle
+//   during an item's GEMM): a threaded GEMM may split its reduction by thread count, a
+//   single-threaded one on the same shapes and alignments does not.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -34,6 +36,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -75,10 +78,15 @@ Plan make_plan(int64_t K) {
   return p;
 }
 
-// The AVX2 + FMA code paths are taken on machines that have them (decided once per process).
+// The AVX2 + FMA code paths are taken on machines that have them (decided once per process;
+// DREP_CPU_NO_AVX2=1 forces the baseline paths, which is how the tests reach them).
 bool cpu_has_avx2() {
 #ifdef DREP_HAVE_AVX2_PATH
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool avx2 = [] {
+    const char* off = std::getenv("DREP_CPU_NO_AVX2");
+    const bool forced_off = off != nullptr && off[0] != '\0' && std::strcmp(off, "0") != 0;
+    return !forced_off && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
   return avx2;
 #else
   return false;
