@@ -120,11 +120,13 @@ def test_training_loss_is_l1_on_the_conv_output_per_pixel(bias):
     eps = rng.normal(rng.seed_from_tensor(seed), y_t.shape[0], y_t.shape[1]).double()
     co = layer.coefficients
     exp_loss, exp_dw, exp_db = oracle.denoise_loss_grads(y_t, layer.denoise_weight, layer.denoise_bias, co.a, co.s, eps)
-    assert_close(loss, exp_loss, 1e-10, 1e-12, "loss")
+    # The layer's backend regenerates eps in float32 (its log/cos may round differently from
+    # torch's): compare at the float32 level of the noise.
+    assert_close(loss, exp_loss, 1e-6, 1e-9, "loss")
     loss.backward()
-    assert_close(layer.denoise_weight.grad, exp_dw, 1e-10, 1e-12, "dW_d")
+    assert_close(layer.denoise_weight.grad, exp_dw, 1e-6, 1e-9, "dW_d")
     if bias:
-        assert_close(layer.denoise_bias.grad, exp_db, 1e-10, 1e-12, "db_d")
+        assert_close(layer.denoise_bias.grad, exp_db, 1e-6, 1e-9, "db_d")
     assert layer.weight.grad is None  # the loss never pulls the backbone
     assert_close(y, _two_step(layer, x), 1e-12, 1e-13, "y")
 
