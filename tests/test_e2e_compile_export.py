@@ -152,3 +152,27 @@ def test_autocast_bf16_training_step_merges_in_float32(monkeypatch):
     for p in model.parameters():
         assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
     opt.step()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_cuda_training_step_merges_in_float32(dtype):
+    model = _converted().cuda()
+    dk.set_phase(model, "joint")
+    x, y = torch.randn(4, 3, 8, 8, device="cuda"), torch.tensor([0, 1, 2, 3], device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        out = model(x)
+        merged = [m.merged_weight_and_bias() for m in model.modules() if isinstance(m, dk.model.DENOISE_TYPES)]
+        loss = F.cross_entropy(out, y) + 0.01 * dk.denoise_loss(model)
+    assert out.dtype == dtype
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
+    with torch.no_grad():
+        layers = [m for m in model.modules() if isinstance(m, dk.model.DENOISE_TYPES)]
+        for layer, (w, _) in zip(layers, merged):
+            layer._merge_cache = None
+            w32, _ = layer.merged_weight_and_bias()  # outside autocast: the float32 merge
+            assert w.dtype == torch.float32 and torch.equal(w, w32)
+    loss.backward()
+    for p in model.parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
