@@ -213,6 +213,13 @@ def _merge_weights_bwd(
     need_weight: bool,
     need_denoise: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients through the merge (M3..M5) in the compute dtype; the torch backend's contract.
+
+    grad_merged_weight: (out, K) G_W; grad_merged_bias: (out,) g_b or None; weight: (out, K);
+    denoise_weight: (K, K); denoise_bias: (K,) or None. Returns (dW (out, K), dW_d (K, K),
+    db_d (K,)), each empty unless asked for (db_d also when b_d or g_b is absent). M3 is one
+    launch, M4 with M5 another.
+    """
     # Registered as an op (below), not called directly: drep::merge_weights' autograd formula
     # calls the backend's merge_weights_bwd, and when AOTAutograd / torch.compile trace that
     # backward the launcher would otherwise receive fake tensors and launch on them.
@@ -254,24 +261,5 @@ def _(grad_merged_weight, grad_merged_bias, weight, denoise_weight, denoise_bias
     )
 
 
-def merge_weights_bwd(
-    grad_merged_weight: Tensor,
-    grad_merged_bias: Optional[Tensor],
-    weight: Tensor,
-    denoise_weight: Tensor,
-    denoise_bias: Optional[Tensor],
-    c1: float,
-    c3: float,
-    need_weight: bool,
-    need_denoise: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients through the merge (M3..M5) in the compute dtype; the torch backend's contract.
-
-    grad_merged_weight: (out, K) G_W; grad_merged_bias: (out,) g_b or None; weight: (out, K);
-    denoise_weight: (K, K); denoise_bias: (K,) or None. Returns (dW (out, K), dW_d (K, K),
-    db_d (K,)), each empty unless asked for (db_d also when b_d or g_b is absent). M3 is one
-    launch, M4 with M5 another.
-    """
-    return _merge_weights_bwd_op(
-        grad_merged_weight, grad_merged_bias, weight, denoise_weight, denoise_bias, c1, c3, need_weight, need_denoise
-    )
+# The backend's entry point is the registered op itself (see _merge_weights_bwd).
+merge_weights_bwd = _merge_weights_bwd_op
