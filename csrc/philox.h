@@ -1,8 +1,9 @@
-// The counter-based noise stream shared by every backend (docs/method.md, "Noise"):
-// eps[i] for flat element index i = Box-Muller of the first two words of
-// Philox4x32-10(key = (seed_lo, seed_hi), counter = (i_lo, i_hi, 0, 0)).
-// Bit-for-bit the same integer stream as Triton's tl.randn(seed, i) and
-// drep_kernels/rng.py; the normal differs only by the rounding of log/cos/sqrt.
+// The counter-based noise stream shared by every backend (docs/method.md, "Noise", N1):
+// element (m, k) of an M x K noise matrix is output k mod 4 of the counter c = m Q + k / 4,
+// Q = ceil(K / 4), where one counter gives four normals by Box-Muller of the four words of
+// Philox4x32-10(key = (seed_lo, seed_hi), counter = (c_lo, c_hi, 0, 0)).
+// Bit-for-bit the same integer stream as Triton's tl.randn4x(seed, c) and
+// drep_kernels/rng.py; the normals differ only by the rounding of log/sin/cos/sqrt.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -26,11 +27,10 @@ DREP_HOST_DEVICE uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
 #endif
 }
 
-// First two 32-bit outputs of Philox4x32-10 at counter `index` under key `seed`.
-DREP_HOST_DEVICE void philox_two_words(uint64_t seed, uint64_t index, uint32_t* w0, uint32_t* w1) {
+// The four 32-bit outputs of Philox4x32-10 at counter `counter` under key `seed`.
+DREP_HOST_DEVICE void philox_words(uint64_t seed, uint64_t counter, uint32_t w[4]) {
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  uint32_t c0 = static_cast<uint32_t>(index), c1 = static_cast<uint32_t>(index >> 32), c2 = 0, c3 = 0;
-#pragma unroll
+  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32), c2 = 0, c3 = 0;
   for (int r = 0; r < 10; ++r) {
     uint32_t hi_b, hi_a;
     const uint32_t lo_b = mulhilo32(0xCD9E8D57u, c2, &hi_b);
@@ -42,8 +42,10 @@ DREP_HOST_DEVICE void philox_two_words(uint64_t seed, uint64_t index, uint32_t* 
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  *w0 = c0;
-  *w1 = c1;
+  w[0] = c0;
+  w[1] = c1;
+  w[2] = c2;
+  w[3] = c3;
 }
 
 // A uint32 word read as int32, negatives folded onto [0, 2^31), scaled into [0, 1).
@@ -53,18 +55,35 @@ DREP_HOST_DEVICE float word_to_uniform(uint32_t w) {
   return static_cast<float>(v) * 4.6566127342e-10f;
 }
 
-// Standard normal eps for flat element index `index` under `seed`.
-DREP_HOST_DEVICE float philox_normal(uint64_t seed, uint64_t index) {
-  uint32_t w0, w1;
-  philox_two_words(seed, index, &w0, &w1);
-  float u1 = word_to_uniform(w0);
-  u1 = u1 < 1.0e-7f ? 1.0e-7f : u1;
-  const float u2 = word_to_uniform(w1);
+// Box-Muller of the word pair (w_radius, w_angle): output 0 is r cos(theta), output 1 r sin(theta).
+DREP_HOST_DEVICE float box_muller(uint32_t w_radius, uint32_t w_angle, int output) {
+  float u = word_to_uniform(w_radius);
+  u = u < 1.0e-7f ? 1.0e-7f : u;
+  const float theta = 6.283185307179586f * word_to_uniform(w_angle);
 #if defined(__CUDA_ARCH__)
-  return sqrtf(-2.0f * logf(u1)) * cosf(6.283185307179586f * u2);
+  return sqrtf(-2.0f * logf(u)) * (output == 0 ? cosf(theta) : sinf(theta));
 #else
-  return std::sqrt(-2.0f * std::log(u1)) * std::cos(6.283185307179586f * u2);
+  return std::sqrt(-2.0f * std::log(u)) * (output == 0 ? std::cos(theta) : std::sin(theta));
 #endif
+}
+
+// The four normals of counter `counter` (N1).
+DREP_HOST_DEVICE void philox_normal4(uint64_t seed, uint64_t counter, float out[4]) {
+  uint32_t w[4];
+  philox_words(seed, counter, w);
+  out[0] = box_muller(w[0], w[1], 0);
+  out[1] = box_muller(w[0], w[1], 1);
+  out[2] = box_muller(w[2], w[3], 0);
+  out[3] = box_muller(w[2], w[3], 1);
+}
+
+// eps[m, k] of an M x `cols` noise matrix (N1), alone: one Philox call for one normal. Kernels
+// that own whole groups of four use philox_normal4 instead.
+DREP_HOST_DEVICE float noise_at(uint64_t seed, uint64_t m, uint64_t k, uint64_t cols) {
+  uint32_t w[4];
+  philox_words(seed, m * ((cols + 3) / 4) + k / 4, w);
+  const int j = static_cast<int>(k % 4);
+  return j < 2 ? box_muller(w[0], w[1], j) : box_muller(w[2], w[3], j - 2);
 }
 
 }  // namespace drep

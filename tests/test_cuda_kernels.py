@@ -454,12 +454,13 @@ def test_outputs_fully_written():
 @needs_gpu
 @pytest.mark.slow
 def test_seeded_noise_64bit_counter():
-    """M K > 2^32: the flat noise index m K + k must not wrap at 32 bits (N1).
+    """M K > 2^32: element offsets m K + k (and the noise counters m K / 4 + k / 4, N1) must
+    not wrap at 32 bits.
 
     x is a stride-0 expanded zero tensor (no memory). With W_d = 0, b_d = 0, a = 0, s = 1,
     n dL/dW_d = -sum over rows of (sign(e_m) + 2 e_m)^T e_m. Two calls, with M K = 2^32 and
     2^32 + 2^28, share their first rows (and chunks), so their difference is the sum over the
-    rows past index 2^32 alone, checked against rng.py there. Its off-diagonal entries are
+    rows past element 2^32 alone, checked against rng.py there. Its off-diagonal entries are
     random walks: noise repeated from index 0 would change them by O(1).
     """
     k = 32
@@ -477,10 +478,9 @@ def test_seeded_noise_64bit_counter():
 
     ref = torch.zeros(k, k, dtype=torch.float64, device="cuda")
     loss_ref = torch.zeros((), dtype=torch.float64, device="cuda")
-    step = 2**26
-    for i0 in range(m_low * k, m_high * k, step):
-        idx = torch.arange(i0, min(i0 + step, m_high * k), dtype=torch.int64, device="cuda")
-        e = rng.normal_from_index(seed, idx).reshape(-1, k).double()
+    step = 2**26 // k
+    for r0 in range(m_low, m_high, step):
+        e = rng.normal(seed, min(step, m_high - r0), k, device="cuda", row0=r0).double()
         ref -= (torch.sign(e) + 2 * e).T @ e
         loss_ref += (e.abs() + e.square()).sum()
     assert_close(loss_high, loss_ref, 1e-4, 0.0, "loss over indices >= 2^32")

@@ -5,7 +5,7 @@ import torch
 from drep_kernels import rng
 
 
-def _philox_python(seed: int, index: int) -> tuple[int, int]:
+def _philox_python(seed: int, index: int) -> tuple[int, int, int, int]:
     """Scalar Philox4x32-10 with Python ints: an independent check of the tensor version."""
     m = 0xFFFFFFFF
     k0, k1 = seed & m, (seed >> 32) & m
@@ -14,23 +14,22 @@ def _philox_python(seed: int, index: int) -> tuple[int, int]:
         pb, pa = 0xCD9E8D57 * c2, 0xD2511F53 * c0
         c0, c1, c2, c3 = (pb >> 32) ^ c1 ^ k0, pb & m, (pa >> 32) ^ c3 ^ k1, pa & m
         k0, k1 = (k0 + 0x9E3779B9) & m, (k1 + 0xBB67AE85) & m
-    return c0, c1
+    return c0, c1, c2, c3
 
 
 @pytest.mark.parametrize("seed", [0, 1, 123456789012345, 2**62 + 7])
 def test_philox_words_match_scalar_reference(seed):
     idx = torch.tensor([0, 1, 2, 1000, 2**31 - 1, 2**31, 2**32 + 5, 2**40 + 3], dtype=torch.int64)
-    w0, w1 = rng.philox_words(seed, idx)
-    for i, (a, b) in enumerate(zip(w0.tolist(), w1.tolist())):
-        assert (a, b) == _philox_python(seed, int(idx[i]))
+    words = rng.philox_words(seed, idx)
+    for i, got in enumerate(zip(*(w.tolist() for w in words))):
+        assert got == _philox_python(seed, int(idx[i]))
 
 
 def test_known_answer_philox4x32_10():
     # Random123's published known-answer test for philox4x32-10 with counter 0, key 0.
-    c0, c1 = _philox_python(0, 0)
-    w0, w1 = rng.philox_words(0, torch.zeros(1, dtype=torch.int64))
-    assert (c0, c1) == (0x6627E8D5, 0xE169C58D)
-    assert (int(w0), int(w1)) == (c0, c1)
+    want = (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
+    assert _philox_python(0, 0) == want
+    assert tuple(int(w) for w in rng.philox_words(0, torch.zeros(1, dtype=torch.int64))) == want
 
 
 def test_normal_statistics_and_independence():
@@ -45,10 +44,41 @@ def test_normal_statistics_and_independence():
     assert abs(lag1.item()) < 0.01
 
 
-def test_seed_and_index_determine_the_value():
+def test_box_muller_of_all_four_words():
+    # N1 written out for one counter with Python floats: (r0 cos, r0 sin, r2 cos, r2 sin).
+    import math
+
+    seed, counter = 99, 2**33 + 17
+    w = _philox_python(seed, counter)
+
+    def uniform(word):
+        v = word - 2**32 if word >= 2**31 else word
+        return float(torch.tensor(-v - 1 if v < 0 else v, dtype=torch.float32) * 4.6566127342e-10)
+
+    want = []
+    for wr, wa in ((w[0], w[1]), (w[2], w[3])):
+        r = math.sqrt(-2 * math.log(max(uniform(wr), 1e-7)))
+        theta = 2 * math.pi * uniform(wa)
+        want += [r * math.cos(theta), r * math.sin(theta)]
+    got = rng.normal4(seed, torch.tensor([counter]))[0]
+    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_seed_and_position_determine_the_value():
     a = rng.normal(7, 30, 11)
     assert torch.equal(a, rng.normal(7, 30, 11))
     assert not torch.equal(a, rng.normal(8, 30, 11))
-    # The value of element (m, k) depends on its flat index only, not on the matrix shape.
-    b = rng.normal(7, 1, 330).reshape(30, 11)
-    assert torch.equal(a, b)
+    # Rows of 11 use ceil(11 / 4) = 3 counters: row m starts at counter 3 m, and its
+    # last counter gives three elements (the fourth is cut).
+    four = rng.normal4(7, torch.arange(90)).reshape(30, 12)
+    assert torch.equal(a, four[:, :11])
+    # Sparse lookups agree with the whole matrix, at any index.
+    m = torch.tensor([0, 29, 13, 5]).reshape(-1, 1)
+    k = torch.tensor([0, 3, 4, 10])
+    assert torch.equal(rng.normal_at(7, m, k, 11), a[m, k])
+    assert torch.equal(rng.normal(7, 5, 11, row0=20), a[20:25])
+
+
+def test_rows_of_a_multiple_of_four_are_the_flat_stream():
+    # With 4 | K the counters of consecutive rows are consecutive: the matrix is the stream.
+    assert torch.equal(rng.normal(3, 6, 8).reshape(-1), rng.normal(3, 1, 48).reshape(-1))

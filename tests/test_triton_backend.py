@@ -167,9 +167,10 @@ def test_denoise_loss_bitwise_deterministic():
 def _draw_eps_kernel(out_ptr, M, K, seed, BLOCK: tl.constexpr):
     # The loss kernel's own eps function, over tiles of an M x K matrix.
     offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    offs_k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    k_start = tl.program_id(1) * BLOCK
+    offs_k = k_start + tl.arange(0, BLOCK)
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    eps = _eps_tile(out_ptr, offs_m, offs_k, mask, K, seed, 0, 0, False, tl.float32)
+    eps = _eps_tile(out_ptr, offs_m, k_start, mask, K, seed, 0, 0, BLOCK, False, tl.float32)
     tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], eps, mask=mask)
 
 
@@ -180,14 +181,17 @@ def _draw(seed: int, M: int, K: int, block: int = 32) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("seed", [0, 123456789, 2**62 + 17])
-def test_noise_matches_rng_module(seed):
-    got = _draw(seed, 70, 33)
-    want = rng.normal(seed, 70, 33, device=DEVICE)
+@pytest.mark.parametrize("K", [33, 1, 6, 64])
+def test_noise_matches_rng_module(seed, K):
+    got = _draw(seed, 70, K)
+    want = rng.normal(seed, 70, K, device=DEVICE)
     assert (got - want).abs().max().item() < 2e-6
 
 
-def test_noise_is_a_function_of_the_flat_index():
-    # The same seed and flat index give the same value whatever the matrix shape (and tiling).
+def test_noise_is_a_function_of_the_position():
+    # The same seed, row and column give the same value whatever the tiling; with 4 | K the
+    # counters of consecutive rows are consecutive, so the matrix is the stream itself.
+    assert torch.equal(_draw(3, 37, 50), _draw(3, 37, 50, block=16))
     assert torch.equal(_draw(3, 40, 48).reshape(-1), _draw(3, 60, 32, block=16).reshape(-1))
 
 

@@ -4,7 +4,7 @@
 // Shape of the computation. The M rows are cut into tiles, a tile into chunks (sizes in
 // make_plan: they depend on K only). Two kinds of work item:
 //   pass 1, one chunk: x_noisy = a x + s eps into the tile buffer (eps regenerated from
-//     (seed, m K + k), or read from `noise`), p = x_noisy W_d^T (one BLAS GEMM of the chunk
+//     (seed, m, k), or read from `noise`), p = x_noisy W_d^T (one BLAS GEMM of the chunk
 //     against all of W_d), then in one sweep over p: D = p + b_d - eps, partial sums of |D|
 //     and D^2, G = (sign D + 2 D) / (M K) written over p;
 //   pass 2 (only when compute_grad), one block of rows of dL/dW_d over a whole tile:
@@ -97,18 +97,21 @@ bool cpu_has_avx2() {
 constexpr int kLanes = 8;
 
 // ---------------------------------------------------------------------------------------
-// Noise (N1): eps[i] = sqrt(-2 ln u1) cos(2 pi u2) from Philox4x32-10(seed, counter i).
+// Noise (N1): row m of eps is the Q = ceil(K / 4) counters m Q .. m Q + Q - 1, four normals
+// each: (r0 cos 2 pi u1, r0 sin 2 pi u1, r2 cos 2 pi u3, r2 sin 2 pi u3) from Philox4x32-10.
 
-void noise_row_scalar(uint64_t seed, uint64_t first, int64_t n, float* out) {
-  for (int64_t k = 0; k < n; ++k) {
-    out[k] = philox_normal(seed, first + static_cast<uint64_t>(k));
+void noise_row_scalar(uint64_t seed, uint64_t m, int64_t K, float* out) {
+  const uint64_t Q = static_cast<uint64_t>((K + 3) / 4);
+  for (int64_t k = 0; k < K; k += 4) {
+    float four[4];
+    philox_normal4(seed, m * Q + static_cast<uint64_t>(k / 4), four);
+    std::memcpy(out + k, four, static_cast<size_t>(std::min<int64_t>(4, K - k)) * sizeof(float));
   }
 }
-
 #ifdef DREP_HAVE_AVX2_PATH
-// Eight Philox streams at once: the integer stream is bit-for-bit csrc/philox.h; log and cos
-// are Cephes-style float polynomials (about 1 ulp), so eps matches philox_normal to the
-// rounding of log and cos, which is all N1 promises across backends.
+// Eight Philox counters at once: the integer stream is bit-for-bit csrc/philox.h; log, sin
+// and cos are Cephes-style float polynomials (about 1 ulp), so eps matches philox_normal4 to
+// the rounding of log, sin and cos, which is all N1 promises across backends.
 
 #define DREP_AVX2 __attribute__((target("avx2,fma")))
 
@@ -146,9 +149,10 @@ DREP_AVX2 inline __m256 log8(__m256 x) {
   return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(f, y));
 }
 
-// cos x for x in [0, 2 pi]: x = r + j pi/4 with j even and |r| <= pi/4 (pi/4 split in three
-// so the reduction is exact to float), then +-cos r or +-sin r by Cephes' sinf/cosf polynomials.
-DREP_AVX2 inline __m256 cos8(__m256 x) {
+// sin x and cos x for x in [0, 2 pi]: x = r + j pi/4 with j even and |r| <= pi/4 (pi/4 split
+// in three so the reduction is exact to float), then +-sin r or +-cos r by Cephes' sinf/cosf
+// polynomials, chosen by the quadrant q = j / 2 mod 4.
+DREP_AVX2 inline void sincos8(__m256 x, __m256* sin_x, __m256* cos_x) {
   __m256i j = _mm256_cvttps_epi32(_mm256_mul_ps(x, _mm256_set1_ps(1.27323954473516f)));  // 4 / pi
   j = _mm256_and_si256(_mm256_add_epi32(j, _mm256_set1_epi32(1)), _mm256_set1_epi32(~1));
   const __m256 y = _mm256_cvtepi32_ps(j);
@@ -165,50 +169,64 @@ DREP_AVX2 inline __m256 cos8(__m256 x) {
   s = _mm256_fmadd_ps(s, z, _mm256_set1_ps(8.3321608736e-3f));
   s = _mm256_fmadd_ps(s, z, _mm256_set1_ps(-1.6666654611e-1f));
   s = _mm256_fmadd_ps(_mm256_mul_ps(s, z), r, r);
-  // q = j / 2 mod 4 picks cos r, -sin r, -cos r, sin r.
+  // Quadrant q: cos x = (cos r, -sin r, -cos r, sin r)[q], sin x = (sin r, cos r, -sin r, -cos r)[q].
   const __m256i q = _mm256_srli_epi32(j, 1);
-  const __m256 use_sin = _mm256_castsi256_ps(
+  const __m256 odd = _mm256_castsi256_ps(
       _mm256_cmpeq_epi32(_mm256_and_si256(q, _mm256_set1_epi32(1)), _mm256_set1_epi32(1)));
-  const __m256 sign = _mm256_castsi256_ps(
+  const __m256 cos_sign = _mm256_castsi256_ps(
       _mm256_slli_epi32(_mm256_and_si256(_mm256_add_epi32(q, _mm256_set1_epi32(1)), _mm256_set1_epi32(2)), 30));
-  return _mm256_xor_ps(_mm256_blendv_ps(c, s, use_sin), sign);
+  const __m256 sin_sign = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(q, _mm256_set1_epi32(2)), 30));
+  *cos_x = _mm256_xor_ps(_mm256_blendv_ps(c, s, odd), cos_sign);
+  *sin_x = _mm256_xor_ps(_mm256_blendv_ps(s, c, odd), sin_sign);
 }
 
-// Philox4x32-10 for four counters, one per 64-bit slot: a state word lives in the low half
-// of its slot (the high half is ignored), so _mm256_mul_epu32 yields both product words with
-// no shuffling. `ctr` holds the 64-bit counters i = (i_lo, i_hi) in place: low half c0, high
-// half c1. Returns the first two output words, each in the low half of its slot.
-DREP_AVX2 inline void philox4(__m256i ctr, const uint32_t* key0, const uint32_t* key1, __m256i* w0, __m256i* w1) {
+// Philox4x32-10 for two groups of four counters, one counter per 64-bit slot: a state word
+// lives in the low half of its slot (the high half is ignored), so _mm256_mul_epu32 yields
+// both product words with no shuffling. `ctr[g]` holds the 64-bit counters (c_lo, c_hi) in
+// place: low half c0, high half c1. w[4 g + i] gets output word i of group g, in the low
+// halves. (The vector multiplier is the bottleneck here: 20 multiplies per counter.)
+DREP_AVX2 inline void philox8(const __m256i ctr[2], const uint32_t* key0, const uint32_t* key1, __m256i w[8]) {
   const __m256i round_a = _mm256_set1_epi64x(0xD2511F53u);
   const __m256i round_b = _mm256_set1_epi64x(0xCD9E8D57u);
-  // Round 0: c2 = c3 = 0, so the B product vanishes.
-  __m256i prod_a = _mm256_mul_epu32(ctr, round_a);
-  __m256i c0 = _mm256_xor_si256(_mm256_srli_epi64(ctr, 32), _mm256_set1_epi32(static_cast<int>(key0[0])));
-  __m256i c1 = _mm256_setzero_si256();
-  __m256i c2 = _mm256_xor_si256(_mm256_srli_epi64(prod_a, 32), _mm256_set1_epi32(static_cast<int>(key1[0])));
-  __m256i c3 = prod_a;
-  for (int r = 1; r < 10; ++r) {
-    const __m256i prod_b = _mm256_mul_epu32(c2, round_b);
-    prod_a = _mm256_mul_epu32(c0, round_a);
-    c0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(prod_b, 32), c1),
-                          _mm256_set1_epi32(static_cast<int>(key0[r])));
-    c2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(prod_a, 32), c3),
-                          _mm256_set1_epi32(static_cast<int>(key1[r])));
-    c1 = prod_b;
-    c3 = prod_a;
+  __m256i c0[2], c1[2], c2[2], c3[2];
+  for (int g = 0; g < 2; ++g) {  // round 0: c2 = c3 = 0, so the B product vanishes
+    const __m256i prod_a = _mm256_mul_epu32(ctr[g], round_a);
+    c0[g] = _mm256_xor_si256(_mm256_srli_epi64(ctr[g], 32), _mm256_set1_epi32(static_cast<int>(key0[0])));
+    c1[g] = _mm256_setzero_si256();
+    c2[g] = _mm256_xor_si256(_mm256_srli_epi64(prod_a, 32), _mm256_set1_epi32(static_cast<int>(key1[0])));
+    c3[g] = prod_a;
   }
-  *w0 = c0;
-  *w1 = c1;
+  for (int r = 1; r < 10; ++r) {
+    const __m256i k0 = _mm256_set1_epi32(static_cast<int>(key0[r]));
+    const __m256i k1 = _mm256_set1_epi32(static_cast<int>(key1[r]));
+    for (int g = 0; g < 2; ++g) {
+      const __m256i prod_b = _mm256_mul_epu32(c2[g], round_b);
+      const __m256i prod_a = _mm256_mul_epu32(c0[g], round_a);
+      c0[g] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(prod_b, 32), c1[g]), k0);
+      c2[g] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(prod_a, 32), c3[g]), k1);
+      c1[g] = prod_b;
+      c3[g] = prod_a;
+    }
+  }
+  for (int g = 0; g < 2; ++g) {
+    w[4 * g] = c0[g];
+    w[4 * g + 1] = c1[g];
+    w[4 * g + 2] = c2[g];
+    w[4 * g + 3] = c3[g];
+  }
 }
 
-// The low halves of the slots of a = (i, i+1, i+4, i+5) and b = (i+2, i+3, i+6, i+7),
-// as eight 32-bit lanes i .. i+7 in order.
+// The low halves of the slots of a and b as eight 32-bit lanes:
+// (a0, a1, b0, b1 | a2, a3, b2, b3).
 DREP_AVX2 inline __m256i pack_low_halves(__m256i a, __m256i b) {
   return _mm256_castps_si256(
       _mm256_shuffle_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(b), _MM_SHUFFLE(2, 0, 2, 0)));
 }
 
-DREP_AVX2 void noise_row_avx2(uint64_t seed, uint64_t first, int64_t n, float* out) {
+DREP_AVX2 inline __m256 as_ps(__m256d v) { return _mm256_castpd_ps(v); }
+DREP_AVX2 inline __m256d as_pd(__m256 v) { return _mm256_castps_pd(v); }
+
+DREP_AVX2 void noise_row_avx2(uint64_t seed, uint64_t m, int64_t K, float* out) {
   uint32_t key0[10], key1[10];
   key0[0] = static_cast<uint32_t>(seed);
   key1[0] = static_cast<uint32_t>(seed >> 32);
@@ -216,39 +234,51 @@ DREP_AVX2 void noise_row_avx2(uint64_t seed, uint64_t first, int64_t n, float* o
     key0[r] = key0[r - 1] + 0x9E3779B9u;
     key1[r] = key1[r - 1] + 0xBB67AE85u;
   }
-  const __m256i offs_a = _mm256_setr_epi64x(0, 1, 4, 5);
-  const __m256i offs_b = _mm256_setr_epi64x(2, 3, 6, 7);
-  for (int64_t k = 0; k < n; k += 8) {
-    const __m256i base = _mm256_set1_epi64x(static_cast<long long>(first + static_cast<uint64_t>(k)));
-    __m256i w0a, w1a, w0b, w1b;
-    philox4(_mm256_add_epi64(base, offs_a), key0, key1, &w0a, &w1a);
-    philox4(_mm256_add_epi64(base, offs_b), key0, key1, &w0b, &w1b);
-    const __m256 u1 = _mm256_max_ps(uniform8(pack_low_halves(w0a, w0b)), _mm256_set1_ps(1.0e-7f));
-    const __m256 u2 = uniform8(pack_low_halves(w1a, w1b));
-    const __m256 radius = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), log8(u1)));
-    const __m256 eps = _mm256_mul_ps(radius, cos8(_mm256_mul_ps(_mm256_set1_ps(6.283185307179586f), u2)));
-    if (k + 8 <= n) {
-      _mm256_storeu_ps(out + k, eps);
-    } else {
-      alignas(32) float tail[8];
-      _mm256_store_ps(tail, eps);
-      std::memcpy(out + k, tail, static_cast<size_t>(n - k) * sizeof(float));
+  // Counters c .. c + 7 go to the slots so that, packed, lanes 0-3 hold c, c+2, c+4, c+6 and
+  // lanes 4-7 hold c+1, c+3, c+5, c+7: then the in-lane transpose below leaves counter
+  // c + 2 i in the low and c + 2 i + 1 in the high half of output vector i, in order.
+  const __m256i offs[2] = {_mm256_setr_epi64x(0, 2, 1, 3), _mm256_setr_epi64x(4, 6, 5, 7)};
+  const uint64_t first = m * static_cast<uint64_t>((K + 3) / 4);
+  for (int64_t k = 0; k < K; k += 32) {
+    const __m256i base = _mm256_set1_epi64x(static_cast<long long>(first + static_cast<uint64_t>(k / 4)));
+    const __m256i ctr[2] = {_mm256_add_epi64(base, offs[0]), _mm256_add_epi64(base, offs[1])};
+    __m256i w[8];
+    philox8(ctr, key0, key1, w);
+    __m256 normal[4];  // (r0 cos, r0 sin, r2 cos, r2 sin), lanes as above
+    for (int pair = 0; pair < 2; ++pair) {
+      const __m256 u_r = _mm256_max_ps(uniform8(pack_low_halves(w[2 * pair], w[4 + 2 * pair])),
+                                        _mm256_set1_ps(1.0e-7f));
+      const __m256 u_a = uniform8(pack_low_halves(w[2 * pair + 1], w[4 + 2 * pair + 1]));
+      const __m256 radius = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), log8(u_r)));
+      __m256 sin_t, cos_t;
+      sincos8(_mm256_mul_ps(_mm256_set1_ps(6.283185307179586f), u_a), &sin_t, &cos_t);
+      normal[2 * pair] = _mm256_mul_ps(radius, cos_t);
+      normal[2 * pair + 1] = _mm256_mul_ps(radius, sin_t);
     }
+    // 4 x 8 -> 8 x 4 within 128-bit lanes: vector i = the four normals of two counters.
+    const __m256 lo01 = _mm256_unpacklo_ps(normal[0], normal[1]), lo23 = _mm256_unpacklo_ps(normal[2], normal[3]);
+    const __m256 hi01 = _mm256_unpackhi_ps(normal[0], normal[1]), hi23 = _mm256_unpackhi_ps(normal[2], normal[3]);
+    alignas(32) float eps[32];
+    _mm256_store_ps(eps, as_ps(_mm256_unpacklo_pd(as_pd(lo01), as_pd(lo23))));
+    _mm256_store_ps(eps + 8, as_ps(_mm256_unpackhi_pd(as_pd(lo01), as_pd(lo23))));
+    _mm256_store_ps(eps + 16, as_ps(_mm256_unpacklo_pd(as_pd(hi01), as_pd(hi23))));
+    _mm256_store_ps(eps + 24, as_ps(_mm256_unpackhi_pd(as_pd(hi01), as_pd(hi23))));
+    std::memcpy(out + k, eps, static_cast<size_t>(std::min<int64_t>(32, K - k)) * sizeof(float));
   }
 }
 #undef DREP_AVX2
 #endif  // DREP_HAVE_AVX2_PATH
 
-// eps for the n consecutive flat indices first, first + 1, ... (a row: first = m K).
-// The path depends on the machine only, so every row of every run takes the same one.
-void noise_row(uint64_t seed, uint64_t first, int64_t n, float* out) {
+// Row m of eps, K elements. The path depends on the machine only, so every row of every run
+// takes the same one.
+void noise_row(uint64_t seed, uint64_t m, int64_t K, float* out) {
 #ifdef DREP_HAVE_AVX2_PATH
   if (cpu_has_avx2()) {
-    noise_row_avx2(seed, first, n, out);
+    noise_row_avx2(seed, m, K, out);
     return;
   }
 #endif
-  noise_row_scalar(seed, first, n, out);
+  noise_row_scalar(seed, m, K, out);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -495,17 +525,16 @@ void denoise_loss_cpu_impl(const at::Tensor& x, const at::Tensor& weight, const 
     scalar_t* eps = eps_buf[thread].data_ptr<scalar_t>();
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t m = t0 + r0 + r;
-      const uint64_t first = static_cast<uint64_t>(m) * static_cast<uint64_t>(K);  // N1: i = m K + k
       scalar_t* xr = xn + r * K;
       scalar_t* er = eps + r * K;
       load_x(x_base + m * x_row, x_col, K, xr);
       if (load_noise != nullptr) {
         load_noise(n_base + m * n_row, n_col, K, er);
       } else if constexpr (std::is_same_v<scalar_t, float>) {
-        noise_row(seed, first, K, er);
+        noise_row(seed, static_cast<uint64_t>(m), K, er);
       } else {
         float* ef = eps_f32.data() + thread * K;
-        noise_row(seed, first, K, ef);
+        noise_row(seed, static_cast<uint64_t>(m), K, ef);
         for (int64_t k = 0; k < K; ++k) er[k] = static_cast<scalar_t>(ef[k]);
       }
       noising_row(xr, er, K, a_c, s_c);
@@ -634,21 +663,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_loss_fwd_cpu(
   return {loss, grad_weight, grad_bias};
 }
 
-// Test hook: this kernel's own eps (N1) for the flat indices first, first + 1, ...,
-// first + count - 1 (tests compare it with drep_kernels.rng at indices past 2^32).
-at::Tensor denoise_noise_cpu(const at::Tensor& seed, int64_t first, int64_t count) {
+// Test hook: this kernel's own eps (N1), rows row0 .. row0 + rows - 1 of a noise matrix with
+// `cols` columns (tests compare it with drep_kernels.rng at counters past 2^32).
+at::Tensor denoise_noise_cpu(const at::Tensor& seed, int64_t row0, int64_t rows, int64_t cols) {
   TORCH_CHECK(seed.dim() == 0 && seed.scalar_type() == at::kLong, "seed must be a 0-d int64 tensor");
-  TORCH_CHECK(count >= 0, "count must be >= 0");
-  at::Tensor out = at::empty({count}, seed.options().dtype(at::kFloat));
-  noise_row(static_cast<uint64_t>(seed.item<int64_t>()), static_cast<uint64_t>(first), count,
-            out.data_ptr<float>());
+  TORCH_CHECK(row0 >= 0 && rows >= 0 && cols >= 0, "row0, rows and cols must be >= 0");
+  at::Tensor out = at::empty({rows, cols}, seed.options().dtype(at::kFloat));
+  const uint64_t s = static_cast<uint64_t>(seed.item<int64_t>());
+  float* p = out.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) noise_row(s, static_cast<uint64_t>(row0 + r), cols, p + r * cols);
   return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(drep, m) {
-  m.def("_denoise_noise_cpu(Tensor seed, int first, int count) -> Tensor");
+  m.def("_denoise_noise_cpu(Tensor seed, int row0, int rows, int cols) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(drep, CPU, m) {

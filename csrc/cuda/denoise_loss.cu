@@ -6,7 +6,7 @@
 // rows), one after the other on the current stream. Per chunk:
 //   1. noisy_input_kernel: x_noisy = a x + s eps (L1) into a chunk buffer in the GEMM dtype
 //      (the input dtype: bf16/fp16/fp32/fp64); eps is the counter-based stream of csrc/philox.h
-//      at flat index m K + k (N1), or the given noise; x and noise are read with their strides.
+//      at (m, k) (N1), or the given noise; x and noise are read with their strides.
 //   2. cuBLAS GEMM (aten::mm, float32 accumulate and result; tensor cores for bf16/fp16):
 //      p = x_noisy W_d^T.
 //   3. loss_epilogue_kernel: regenerates eps per element from its counter, D = p + b_d - eps,
@@ -60,15 +60,17 @@ struct NoiseSource {
   int64_t s0, s1;   // element strides of the noise tensor
   int kind;         // 0 float32, 1 float64, 2 float16, 3 bfloat16
   uint64_t seed;
-  int64_t k;  // row length of the flat index m K + k
+  int64_t k;  // row length K (N1 counts ceil(K / 4) counters per row)
 };
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t eps_at(NoiseSource ns, int64_t m, int64_t col) {
   if (ns.ptr == nullptr) {
-    // N1: eps = philox_normal(seed, m K + k), a pure function of the flat index (64-bit).
+    // N1: a pure function of (seed, m, col) (64-bit counters). One Philox call per element
+    // (the epilogue's threads own columns, not groups of four): a GPU run will tell whether
+    // regrouping pays.
     return static_cast<acc_t>(
-        philox_normal(ns.seed, static_cast<uint64_t>(m) * static_cast<uint64_t>(ns.k) + static_cast<uint64_t>(col)));
+        noise_at(ns.seed, static_cast<uint64_t>(m), static_cast<uint64_t>(col), static_cast<uint64_t>(ns.k)));
   }
   const int64_t off = m * ns.s0 + col * ns.s1;
   switch (ns.kind) {
@@ -84,18 +86,31 @@ __device__ __forceinline__ acc_t eps_at(NoiseSource ns, int64_t m, int64_t col) 
 }
 
 // L1 prologue: x_noisy[r, k] = a x[row0 + r, k] + s eps[row0 + r, k] for the chunk's rows,
-// written row-major (ld = K) in the GEMM dtype.
+// written row-major (ld = K) in the GEMM dtype. One thread per group of four columns (one N1
+// counter: one Philox call gives the group's four normals).
 template <typename scalar_t, typename gemm_t, typename acc_t>
 __global__ void noisy_input_kernel(const scalar_t* x, int64_t xs0, int64_t xs1, NoiseSource ns, acc_t a, acc_t s,
                                    int64_t row0, int64_t rows, int64_t k, gemm_t* x_noisy) {
-  const int64_t n = rows * k;
+  const int64_t groups = (k + 3) / 4;
+  const int64_t n = rows * groups;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
-    const int64_t r = i / k;
-    const int64_t col = i - r * k;
+    const int64_t r = i / groups;
+    const int64_t q = i - r * groups;
     const int64_t m = row0 + r;
-    const acc_t v = a * static_cast<acc_t>(x[m * xs0 + col * xs1]) + s * eps_at<acc_t>(ns, m, col);
-    x_noisy[i] = static_cast<gemm_t>(v);
+    float four[4];
+    if (ns.ptr == nullptr) {
+      philox_normal4(ns.seed, static_cast<uint64_t>(m) * static_cast<uint64_t>(groups) + static_cast<uint64_t>(q),
+                     four);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t col = 4 * q + j;
+      if (col < k) {
+        const acc_t e = ns.ptr == nullptr ? static_cast<acc_t>(four[j]) : eps_at<acc_t>(ns, m, col);
+        x_noisy[r * k + col] = static_cast<gemm_t>(a * static_cast<acc_t>(x[m * xs0 + col * xs1]) + s * e);
+      }
+    }
   }
 }
 
@@ -256,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_loss_chunks(
     at::Tensor x_noisy_c = x_noisy.narrow(0, 0, rows);
     at::Tensor p_c = p.narrow(0, 0, rows);
 
-    noisy_input_kernel<scalar_t, gemm_t, acc_t><<<cuda::blocks_for(rows * k), cuda::kThreads, 0, stream>>>(
+    noisy_input_kernel<scalar_t, gemm_t, acc_t><<<cuda::blocks_for(rows * ((k + 3) / 4)), cuda::kThreads, 0, stream>>>(
         x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1), ns, static_cast<acc_t>(a), static_cast<acc_t>(s),
         row0, rows, k, x_noisy_c.mutable_data_ptr<gemm_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

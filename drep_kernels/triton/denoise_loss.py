@@ -4,7 +4,7 @@ One program owns a column block n of p = x_noisy W_d^T + b_d and a group of row 
 (blocks pid_s, pid_s + S, pid_s + 2S, ...). Per row block it
 
 1. accumulates the p tile over K-slices, forming x_noisy = a x + s eps in registers from x and
-   eps = tl.randn(seed, m K + k) (N1): nothing of size M x K is written;
+   eps from N1 (tl.randn4x, four elements per Philox call): nothing of size M x K is written;
 2. in the epilogue adds b_d, regenerates eps for the tile's own elements, forms D = p - eps and
    adds |D| and D^2 into per-program partial sums (loss, L1);
 3. with gradients: G~ = sign D + 2 D (L2 without its 1/(M K), applied once to the K x K sums
@@ -22,8 +22,8 @@ The same pass costs instead (a) accumulating dW_d's rows n in global memory, one
 of a BLOCK_N x K float32 strip per row block ((M / BLOCK_M) K^2 8 bytes in all, mostly L2
 hits), and (b) generating eps twice per (element, column block) rather than once; a second
 kernel recomputing p would pay (b) as well. The RNG is the cost to watch: Philox is 10 rounds
-of 32-bit multiplies per element, regenerated K / BLOCK_N times, against 2 BLOCK_N tensor-core
-FLOPs per regenerated element, so wide column blocks (BLOCK_N = 128, 256) matter. To be
+of 32-bit multiplies per four elements, regenerated K / BLOCK_N times, against 2 BLOCK_N
+tensor-core FLOPs per regenerated element, so wide column blocks (BLOCK_N = 128, 256) matter. To be
 measured and tuned on an H100 / H200.
 
 Determinism: no atomics. Each group owns its partial dW_d / db_d slice and each program its
@@ -46,25 +46,37 @@ from ._common import join_scalar
 
 @triton.jit
 def _eps_tile(
-    noise_ptr, offs_m, offs_k, mask, K, seed, stride_em, stride_ek, HAS_NOISE: tl.constexpr, DTYPE: tl.constexpr,
+    noise_ptr, offs_m, k_start, mask, K, seed, stride_em, stride_ek,
+    BLOCK: tl.constexpr, HAS_NOISE: tl.constexpr, DTYPE: tl.constexpr,
 ):
-    """eps at rows offs_m, columns offs_k: the given noise, or N1's tl.randn(seed, m K + k)."""
+    """eps at rows offs_m, columns k_start .. k_start + BLOCK - 1: the given noise, or N1.
+
+    N1: column group q of row m is tl.randn4x(seed, m ceil(K / 4) + q); k_start is a multiple
+    of BLOCK, itself a multiple of 4, so the tile holds whole groups: one Philox call per four
+    elements, interleaved back into column order."""
     if HAS_NOISE:
+        offs_k = k_start + tl.arange(0, BLOCK)
         ptrs = noise_ptr + offs_m[:, None] * stride_em + offs_k[None, :] * stride_ek
         eps = tl.load(ptrs, mask=mask, other=0.0).to(DTYPE)
     else:
-        eps = tl.randn(seed, offs_m[:, None] * K + offs_k[None, :]).to(DTYPE)
+        offs_q = k_start // 4 + tl.arange(0, BLOCK // 4)
+        counter = offs_m[:, None] * ((K + 3) // 4) + offs_q[None, :]
+        n0, n1, n2, n3 = tl.randn4x(seed, counter)
+        # join(join(n0, n2), join(n1, n3))[m, q, i, j] = n_{2 i + j}: row-major, column 4 q + 2 i + j.
+        eps = tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (offs_m.shape[0], BLOCK)).to(DTYPE)
     return eps
 
 
 @triton.jit
 def _noisy_tile(
-    x_ptr, noise_ptr, offs_m, offs_k, mask, K, seed, a, s,
-    stride_xm, stride_xk, stride_em, stride_ek, HAS_NOISE: tl.constexpr, DTYPE: tl.constexpr,
+    x_ptr, noise_ptr, offs_m, k_start, mask, K, seed, a, s,
+    stride_xm, stride_xk, stride_em, stride_ek, BLOCK: tl.constexpr, HAS_NOISE: tl.constexpr, DTYPE: tl.constexpr,
 ):
-    """x_noisy = a x + s eps (L1), 0 outside the matrix (out-of-range eps is not 0)."""
+    """x_noisy = a x + s eps (L1) at columns k_start .., 0 outside the matrix (out-of-range
+    eps is not 0)."""
+    offs_k = k_start + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
-    eps = _eps_tile(noise_ptr, offs_m, offs_k, mask, K, seed, stride_em, stride_ek, HAS_NOISE, DTYPE)
+    eps = _eps_tile(noise_ptr, offs_m, k_start, mask, K, seed, stride_em, stride_ek, BLOCK, HAS_NOISE, DTYPE)
     return tl.where(mask, a * x.to(DTYPE) + s * eps, 0.0)
 
 
@@ -96,7 +108,7 @@ def _denoise_loss_fwd_kernel(
     db_acc = tl.zeros((BLOCK_N,), dtype=DTYPE)
 
     for mb in range(pid_s, tl.cdiv(M, BLOCK_M), num_groups):
-        # int64 rows: the flat index m K + k of N1 (and row offsets) overflow int32 for big M K.
+        # int64 rows: N1's counters m ceil(K / 4) + q and the row offsets overflow int32 for big M K.
         offs_m = tl.to_tensor(mb).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=DTYPE)
@@ -104,8 +116,8 @@ def _denoise_loss_fwd_kernel(
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
             xn = _noisy_tile(
-                x_ptr, noise_ptr, offs_m, offs_k, mask_m[:, None] & mask_k[None, :], K, seed, a, s,
-                stride_xm, stride_xk, stride_em, stride_ek, HAS_NOISE, DTYPE,
+                x_ptr, noise_ptr, offs_m, k0, mask_m[:, None] & mask_k[None, :], K, seed, a, s,
+                stride_xm, stride_xk, stride_em, stride_ek, BLOCK_K, HAS_NOISE, DTYPE,
             )
             # The W_d^T tile: element (k, n) is W_d[n, k].
             w_ptrs = wd_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
@@ -115,7 +127,9 @@ def _denoise_loss_fwd_kernel(
             acc += bias[None, :]
         mask_mn = mask_m[:, None] & mask_n[None, :]
         # The output tile's own eps: p's column n is eps's column n (both have width K).
-        eps = _eps_tile(noise_ptr, offs_m, offs_n, mask_mn, K, seed, stride_em, stride_ek, HAS_NOISE, DTYPE)
+        eps = _eps_tile(
+            noise_ptr, offs_m, pid_n * BLOCK_N, mask_mn, K, seed, stride_em, stride_ek, BLOCK_N, HAS_NOISE, DTYPE,
+        )
         d = tl.where(mask_mn, acc - eps, 0.0)
         abs_acc += tl.abs(d)
         sq_acc += d * d
@@ -128,8 +142,8 @@ def _denoise_loss_fwd_kernel(
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 mask_k = offs_k < K
                 xn = _noisy_tile(
-                    x_ptr, noise_ptr, offs_m, offs_k, mask_m[:, None] & mask_k[None, :], K, seed, a, s,
-                    stride_xm, stride_xk, stride_em, stride_ek, HAS_NOISE, DTYPE,
+                    x_ptr, noise_ptr, offs_m, k0, mask_m[:, None] & mask_k[None, :], K, seed, a, s,
+                    stride_xm, stride_xk, stride_em, stride_ek, BLOCK_K, HAS_NOISE, DTYPE,
                 )
                 ptrs = dw_rows + offs_k[None, :]
                 mask_nk = mask_n[:, None] & mask_k[None, :]
