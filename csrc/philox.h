@@ -31,6 +31,9 @@ DREP_HOST_DEVICE uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
 DREP_HOST_DEVICE void philox_words(uint64_t seed, uint64_t counter, uint32_t w[4]) {
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32), c2 = 0, c3 = 0;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
   for (int r = 0; r < 10; ++r) {
     uint32_t hi_b, hi_a;
     const uint32_t lo_b = mulhilo32(0xCD9E8D57u, c2, &hi_b);
@@ -55,26 +58,39 @@ DREP_HOST_DEVICE float word_to_uniform(uint32_t w) {
   return static_cast<float>(v) * 4.6566127342e-10f;
 }
 
-// Box-Muller of the word pair (w_radius, w_angle): output 0 is r cos(theta), output 1 r sin(theta).
-DREP_HOST_DEVICE float box_muller(uint32_t w_radius, uint32_t w_angle, int output) {
-  float u = word_to_uniform(w_radius);
+// Box-Muller's radius sqrt(-2 ln u) and angle 2 pi u from one word each.
+DREP_HOST_DEVICE float box_muller_radius(uint32_t w) {
+  float u = word_to_uniform(w);
   u = u < 1.0e-7f ? 1.0e-7f : u;
-  const float theta = 6.283185307179586f * word_to_uniform(w_angle);
 #if defined(__CUDA_ARCH__)
-  return sqrtf(-2.0f * logf(u)) * (output == 0 ? cosf(theta) : sinf(theta));
+  return sqrtf(-2.0f * logf(u));
 #else
-  return std::sqrt(-2.0f * std::log(u)) * (output == 0 ? std::cos(theta) : std::sin(theta));
+  return std::sqrt(-2.0f * std::log(u));
 #endif
 }
 
-// The four normals of counter `counter` (N1).
+DREP_HOST_DEVICE float box_muller_angle(uint32_t w) { return 6.283185307179586f * word_to_uniform(w); }
+
+DREP_HOST_DEVICE void sin_cos(float x, float* s, float* c) {
+#if defined(__CUDA_ARCH__)
+  sincosf(x, s, c);
+#else
+  *s = std::sin(x);
+  *c = std::cos(x);
+#endif
+}
+
+// The four normals of counter `counter` (N1): (r0 cos t1, r0 sin t1, r2 cos t3, r2 sin t3).
 DREP_HOST_DEVICE void philox_normal4(uint64_t seed, uint64_t counter, float out[4]) {
   uint32_t w[4];
   philox_words(seed, counter, w);
-  out[0] = box_muller(w[0], w[1], 0);
-  out[1] = box_muller(w[0], w[1], 1);
-  out[2] = box_muller(w[2], w[3], 0);
-  out[3] = box_muller(w[2], w[3], 1);
+  for (int pair = 0; pair < 2; ++pair) {
+    const float r = box_muller_radius(w[2 * pair]);
+    float s, c;
+    sin_cos(box_muller_angle(w[2 * pair + 1]), &s, &c);
+    out[2 * pair] = r * c;
+    out[2 * pair + 1] = r * s;
+  }
 }
 
 // eps[m, k] of an M x `cols` noise matrix (N1), alone: one Philox call for one normal. Kernels
@@ -83,7 +99,9 @@ DREP_HOST_DEVICE float noise_at(uint64_t seed, uint64_t m, uint64_t k, uint64_t 
   uint32_t w[4];
   philox_words(seed, m * ((cols + 3) / 4) + k / 4, w);
   const int j = static_cast<int>(k % 4);
-  return j < 2 ? box_muller(w[0], w[1], j) : box_muller(w[2], w[3], j - 2);
+  float s, c;
+  sin_cos(box_muller_angle(w[j < 2 ? 1 : 3]), &s, &c);
+  return box_muller_radius(w[j < 2 ? 0 : 2]) * (j % 2 == 0 ? c : s);
 }
 
 }  // namespace drep

@@ -18,7 +18,7 @@ from drep_kernels.backends import implements, kernels, select
 if not implements("cpu", "denoise_loss", "cpu"):
     pytest.skip("the C++ CPU kernel of denoise_loss is not built", allow_module_level=True)
 
-from conftest import TOLERANCES, assert_close  # noqa: E402
+from conftest import CLAMP_SEED, CLAMPED_COUNTERS, TOLERANCES, assert_close  # noqa: E402
 from oracle import denoise_loss_grads  # noqa: E402
 
 from drep_kernels.ops.denoise_loss import denoise_loss, denoise_loss_op  # noqa: E402
@@ -208,7 +208,8 @@ def test_selected_by_default_on_cpu():
 # --- in-kernel noise (N1) -----------------------------------------------------------------
 
 def kernel_noise(seed: int, row0: int, rows: int, cols: int) -> torch.Tensor:
-    return torch.ops.drep._denoise_noise_cpu(torch.tensor(seed, dtype=torch.int64), row0, rows, cols)
+    seed_t = torch.tensor(seed, dtype=torch.int64)
+    return torch.ops.drep._denoise_noise(torch.empty(0), seed_t, row0, rows, cols, False)
 
 
 @pytest.mark.parametrize("seed", [0, 1234, 2**32 + 7, 2**62 + 3])
@@ -222,6 +223,13 @@ def test_noise_matches_rng(seed, row0, cols):
     want = rng.normal(seed, 3, cols, row0=row0)
     # Same integer stream; log, sin and cos round differently (a few float32 ulps).
     torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+
+
+def test_noise_radius_clamp():
+    # Counters whose radius uniform N1 clamps at 1e-7 (tests/conftest.py): rows of 4 columns.
+    for counter in CLAMPED_COUNTERS:
+        want = rng.normal(CLAMP_SEED, 1, 4, row0=counter)
+        torch.testing.assert_close(kernel_noise(CLAMP_SEED, counter, 1, 4), want, rtol=2e-6, atol=2e-6)
 
 
 def recover_kernel_noise(M, K, seed):
@@ -433,8 +441,9 @@ import test_cpu_kernels as t
 
 fwd = t.fwd
 for seed, row0 in [(1234, 0), (2**32 + 7, 2**32 // 10 - 1)]:
-    want = rng.normal(seed, 3, 37, row0=row0)
-    torch.testing.assert_close(t.kernel_noise(seed, row0, 3, 37), want, rtol=2e-6, atol=2e-6)
+    for cols in (1, 3, 37):
+        want = rng.normal(seed, 3, cols, row0=row0)
+        torch.testing.assert_close(t.kernel_noise(seed, row0, 3, cols), want, rtol=2e-6, atol=2e-6)
 for dtype in (torch.float32, torch.float64, torch.bfloat16):
     for bias in (True, False):
         x, w, b, eps = t.make_inputs(130, 13, dtype, bias=bias)

@@ -22,13 +22,13 @@ import torch.nn as nn
 
 import drep_kernels
 import oracle
-from conftest import TOLERANCES, assert_close, poison
+from conftest import CLAMP_SEED, CLAMPED_COUNTERS, TOLERANCES, assert_close, poison
 from drep_kernels import rng
 from drep_kernels.backends import extension_error, implements, kernels
 from drep_kernels.ops.denoise_loss import denoise_loss_op
 from drep_kernels.ops.merge_weights import merge_weights_op
 
-CUDA_OPS = ("merge_weights_fwd", "merge_weights_bwd", "denoise_loss_fwd")
+CUDA_OPS = ("merge_weights_fwd", "merge_weights_bwd", "denoise_loss_fwd", "_denoise_noise")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 SIZES = (1, 7, 127, 768, 1536)
 # Reverse-step and noising scales far from 1 and 0, so that every term of M1..M5 and L1 matters.
@@ -387,6 +387,30 @@ def test_denoise_loss_empty_batch(cuda_backend, dtype):
 
 
 @needs_gpu
+@pytest.mark.parametrize("per_element", [False, True], ids=["groups-of-four", "per-element"])
+@pytest.mark.parametrize("cols", [1, 3, 37, 64])
+@pytest.mark.parametrize("row0", [0, 2**38 + 5])
+def test_noise_paths_match_rng(per_element, cols, row0):
+    # Both of the kernel's noise paths, N1 against rng.py, at counters past 2^32 too (row0 Q).
+    seed = 2**33 + 7
+    like = torch.empty(0, device="cuda")
+    got = torch.ops.drep._denoise_noise(like, torch.tensor(seed), row0, 5, cols, per_element)
+    want = rng.normal(seed, 5, cols, device="cuda", row0=row0)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+
+
+@needs_gpu
+@pytest.mark.parametrize("per_element", [False, True], ids=["groups-of-four", "per-element"])
+def test_noise_radius_clamp(per_element):
+    # Counters whose radius uniform N1 clamps at 1e-7 (tests/conftest.py): rows of 4 columns.
+    like = torch.empty(0, device="cuda")
+    for counter in CLAMPED_COUNTERS:
+        got = torch.ops.drep._denoise_noise(like, torch.tensor(CLAMP_SEED), counter, 1, 4, per_element)
+        want = rng.normal(CLAMP_SEED, 1, 4, device="cuda", row0=counter)
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+
+
+@needs_gpu
 @pytest.mark.parametrize("seed", [0, 12345, 2**40 + 987, 2**63 - 1])
 def test_seeded_noise_is_the_torch_backends(seed):
     """N1: one seed, one noise. With W_d = 0, b_d = 0, a = 0, s = 1 we have D = -eps, so
@@ -396,11 +420,14 @@ def test_seeded_noise_is_the_torch_backends(seed):
     wd = torch.zeros(k, k, device="cuda")
     bd = torch.zeros(k, device="cuda")
     seed_t = torch.tensor(seed, dtype=torch.int64)
-    loss, _, gb = torch.ops.drep.denoise_loss_fwd(x, wd, bd, 0.0, 1.0, None, seed_t, True)
-    eps = rng.normal(seed, m, k).double()
+    loss, gw, gb = torch.ops.drep.denoise_loss_fwd(x, wd, bd, 0.0, 1.0, None, seed_t, True)
+    eps = rng.normal(seed, m, k, device="cuda").double()
     n = m * k
     assert_close(gb, ((-torch.sign(eps) - 2 * eps).sum(0) / n), 2e-5, 1e-9, "db (eps per column)")
     assert_close(loss, (eps.abs().mean() + eps.square().mean()), 2e-5, 1e-7, "loss")
+    # x_noisy = eps (the prologue's noise, groups of four) and D = -eps (the epilogue's, per
+    # element): dW_d = G^T x_noisy = -(sign eps + 2 eps)^T eps / n ties the two together.
+    assert_close(gw, -(torch.sign(eps) + 2 * eps).T @ eps / n, 2e-5, 1e-7, "dW_d (both noise paths)")
 
     # Any input: the cuda backend and the torch backend see the same noise. b_d = 8 keeps D off
     # 0, where the two backends' float32 roundings could pick different signs (L2).
@@ -454,8 +481,8 @@ def test_outputs_fully_written():
 @needs_gpu
 @pytest.mark.slow
 def test_seeded_noise_64bit_counter():
-    """M K > 2^32: element offsets m K + k (and the noise counters m K / 4 + k / 4, N1) must
-    not wrap at 32 bits.
+    """M K > 2^32: element offsets m K + k must not wrap at 32 bits (the noise counters
+    m ceil(K / 4) + k / 4 past 2^32: test_noise_paths_match_rng).
 
     x is a stride-0 expanded zero tensor (no memory). With W_d = 0, b_d = 0, a = 0, s = 1,
     n dL/dW_d = -sum over rows of (sign(e_m) + 2 e_m)^T e_m. Two calls, with M K = 2^32 and

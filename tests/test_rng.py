@@ -1,7 +1,10 @@
 """The counter-based noise stream (docs/method.md N1), plain-torch transcription."""
+import math
+
 import pytest
 import torch
 
+from conftest import CLAMP_SEED, CLAMPED_COUNTERS
 from drep_kernels import rng
 
 
@@ -44,11 +47,9 @@ def test_normal_statistics_and_independence():
     assert abs(lag1.item()) < 0.01
 
 
-def test_box_muller_of_all_four_words():
+@pytest.mark.parametrize("seed,counter", [(99, 2**33 + 17), (0, 0), (2**62 + 7, 12345), (5, 2**32 - 1)])
+def test_box_muller_of_all_four_words(seed, counter):
     # N1 written out for one counter with Python floats: (r0 cos, r0 sin, r2 cos, r2 sin).
-    import math
-
-    seed, counter = 99, 2**33 + 17
     w = _philox_python(seed, counter)
 
     def uniform(word):
@@ -62,6 +63,19 @@ def test_box_muller_of_all_four_words():
         want += [r * math.cos(theta), r * math.sin(theta)]
     got = rng.normal4(seed, torch.tensor([counter]))[0]
     torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_radius_clamp():
+    # The radius uniform of these counters is below 1e-7: N1 clamps it, so the pair's normals
+    # lie on the circle of radius sqrt(-2 ln 1e-7); the other pair is untouched.
+    for counter, clamped_pair in zip(CLAMPED_COUNTERS, (1, 0)):
+        words = _philox_python(CLAMP_SEED, counter)
+        v = words[2 * clamped_pair]
+        v = v - 2**32 if v >= 2**31 else v
+        assert (-v - 1 if v < 0 else v) * 4.6566127342e-10 < 1e-7
+        four = rng.normal4(CLAMP_SEED, torch.tensor([counter]))[0].double()
+        r2 = four[2 * clamped_pair] ** 2 + four[2 * clamped_pair + 1] ** 2
+        torch.testing.assert_close(r2, torch.tensor(-2 * math.log(1e-7), dtype=torch.float64), rtol=1e-5, atol=0)
 
 
 def test_seed_and_position_determine_the_value():

@@ -29,7 +29,7 @@ from drep_kernels.backends import implements, kernels, select  # noqa: E402
 from drep_kernels.triton.denoise_loss import _eps_tile  # noqa: E402
 
 import oracle  # noqa: E402
-from conftest import TOLERANCES, assert_close  # noqa: E402
+from conftest import CLAMP_SEED, CLAMPED_COUNTERS, TOLERANCES, assert_close  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -141,11 +141,28 @@ def test_denoise_loss_empty_batch(monkeypatch):
 
 def test_denoise_loss_seeded_matches_torch_backend(monkeypatch):
     """In-kernel eps (N1) is drep_kernels.rng's stream: the same seed gives the torch backend's
-    loss and gradients to the rounding of log / cos (~4e-7 in eps)."""
+    loss and gradients to the rounding of log / sin / cos (~4e-7 in eps)."""
     M, K = 33, 130
     x, w, b, _ = _denoise_inputs(M, K, torch.float32)
     seed = torch.tensor(2**40 + 12345)  # above 2^32: both key words of Philox in use
     out = kernels("triton").denoise_loss_fwd(x, w, b, A, S, None, seed, True)
+    ref = kernels("torch").denoise_loss_fwd(x, w, b, A, S, None, seed, True)
+    for got, want, name in zip(out, ref, ("loss", "dL/dW_d", "dL/db_d")):
+        assert_close(got, want, 1e-5, 1e-5 * float(want.abs().max()), name)
+
+
+@pytest.mark.parametrize("blocks", [(16, 64, 16), (16, 16, 64)], ids=["wide-N", "wide-K"])
+def test_denoise_loss_other_block_shapes(blocks):
+    """The GPU configs have BLOCK_N != BLOCK_K; the interpreter's default has them equal. The
+    plain kernel with such blocks: the prologue's (BLOCK_K) and the epilogue's (BLOCK_N) noise
+    tiles, K not a multiple of 4, against the torch backend."""
+    from drep_kernels.triton import denoise_loss as tdl
+
+    bm, bn, bk = blocks
+    config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk})
+    x, w, b, _ = _denoise_inputs(37, 70, torch.float32)
+    seed = torch.tensor(2**40 + 3)
+    out = tdl._denoise_loss(x, w, b, A, S, None, seed, True, tdl._denoise_loss_fwd_kernel, [config], config.kwargs)
     ref = kernels("torch").denoise_loss_fwd(x, w, b, A, S, None, seed, True)
     for got, want, name in zip(out, ref, ("loss", "dL/dW_d", "dL/db_d")):
         assert_close(got, want, 1e-5, 1e-5 * float(want.abs().max()), name)
@@ -164,19 +181,20 @@ def test_denoise_loss_bitwise_deterministic():
 
 
 @triton.jit
-def _draw_eps_kernel(out_ptr, M, K, seed, BLOCK: tl.constexpr):
-    # The loss kernel's own eps function, over tiles of an M x K matrix.
+def _draw_eps_kernel(out_ptr, M, K, seed, row0, BLOCK: tl.constexpr):
+    # The loss kernel's own eps function, over tiles of rows row0 .. row0 + M - 1 of an
+    # M x K matrix (row0 as int64, as the loss kernel makes its rows).
     offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     k_start = tl.program_id(1) * BLOCK
     offs_k = k_start + tl.arange(0, BLOCK)
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    eps = _eps_tile(out_ptr, offs_m, k_start, mask, K, seed, 0, 0, BLOCK, False, tl.float32)
+    eps = _eps_tile(out_ptr, row0.to(tl.int64) + offs_m, k_start, mask, K, seed, 0, 0, BLOCK, False, tl.float32)
     tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], eps, mask=mask)
 
 
-def _draw(seed: int, M: int, K: int, block: int = 32) -> torch.Tensor:
+def _draw(seed: int, M: int, K: int, block: int = 32, row0: int = 0) -> torch.Tensor:
     out = torch.empty(M, K, device=DEVICE)
-    _draw_eps_kernel[(triton.cdiv(M, block), triton.cdiv(K, block))](out, M, K, seed, BLOCK=block)
+    _draw_eps_kernel[(triton.cdiv(M, block), triton.cdiv(K, block))](out, M, K, seed, row0, BLOCK=block)
     return out
 
 
@@ -185,6 +203,22 @@ def _draw(seed: int, M: int, K: int, block: int = 32) -> torch.Tensor:
 def test_noise_matches_rng_module(seed, K):
     got = _draw(seed, 70, K)
     want = rng.normal(seed, 70, K, device=DEVICE)
+    assert (got - want).abs().max().item() < 2e-6
+
+
+def test_noise_radius_clamp():
+    # Counters whose radius uniform N1 clamps at 1e-7 (tests/conftest.py): rows of 4 columns.
+    for counter in CLAMPED_COUNTERS:
+        got = _draw(CLAMP_SEED, 1, 4, block=8, row0=counter)
+        assert (got - rng.normal(CLAMP_SEED, 1, 4, device=DEVICE, row0=counter)).abs().max().item() < 2e-6
+
+
+@pytest.mark.parametrize("K", [3, 37])
+def test_noise_counters_past_2_32(K):
+    # Rows whose counters m ceil(K / 4) + q pass 2^32 (both counter words in use).
+    row0 = 2**38 + 5
+    got = _draw(2**33 + 7, 9, K, block=8, row0=row0)
+    want = rng.normal(2**33 + 7, 9, K, device=DEVICE, row0=row0)
     assert (got - want).abs().max().item() < 2e-6
 
 

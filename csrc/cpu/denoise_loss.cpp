@@ -121,7 +121,7 @@ DREP_AVX2 inline __m256 uniform8(__m256i w) {
   return _mm256_mul_ps(_mm256_cvtepi32_ps(folded), _mm256_set1_ps(4.6566127342e-10f));
 }
 
-// Natural log of positive normal floats (here u1 in [1e-7, 1)): x = m 2^e with m in
+// Natural log of positive normal floats (here the radius uniforms, in [1e-7, 1)): x = m 2^e with m in
 // [sqrt(1/2), sqrt(2)), ln x = e ln 2 + ln(1 + f), f = m - 1, ln(1 + f) by Cephes' logf
 // polynomial; ln 2 is split in two so e ln 2 adds no rounding.
 DREP_AVX2 inline __m256 log8(__m256 x) {
@@ -663,9 +663,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_loss_fwd_cpu(
   return {loss, grad_weight, grad_bias};
 }
 
-// Test hook: this kernel's own eps (N1), rows row0 .. row0 + rows - 1 of a noise matrix with
-// `cols` columns (tests compare it with drep_kernels.rng at counters past 2^32).
-at::Tensor denoise_noise_cpu(const at::Tensor& seed, int64_t row0, int64_t rows, int64_t cols) {
+// drep::_denoise_noise (test hook, csrc/ops.cpp): this kernel's own eps rows. The CPU kernel
+// has one path for every element, so per_element changes nothing here.
+at::Tensor denoise_noise_cpu(const at::Tensor& like, const at::Tensor& seed, int64_t row0, int64_t rows,
+                             int64_t cols, bool per_element) {
+  (void)like;
+  (void)per_element;
   TORCH_CHECK(seed.dim() == 0 && seed.scalar_type() == at::kLong, "seed must be a 0-d int64 tensor");
   TORCH_CHECK(row0 >= 0 && rows >= 0 && cols >= 0, "row0, rows and cols must be >= 0");
   at::Tensor out = at::empty({rows, cols}, seed.options().dtype(at::kFloat));
@@ -677,13 +680,9 @@ at::Tensor denoise_noise_cpu(const at::Tensor& seed, int64_t row0, int64_t rows,
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(drep, m) {
-  m.def("_denoise_noise_cpu(Tensor seed, int row0, int rows, int cols) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(drep, CPU, m) {
   m.impl("denoise_loss_fwd", &denoise_loss_fwd_cpu);
-  m.impl("_denoise_noise_cpu", &denoise_noise_cpu);
+  m.impl("_denoise_noise", &denoise_noise_cpu);
 }
 
 }  // namespace drep

@@ -365,8 +365,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_loss_fwd_cuda(
   return result;
 }
 
+// One thread per element through eps_at, the loss epilogue's noise (test hook only).
+__global__ void noise_per_element_kernel(NoiseSource ns, int64_t row0, int64_t rows, float* out) {
+  const int64_t n = rows * ns.k;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+    const int64_t r = i / ns.k;
+    out[i] = eps_at<float>(ns, row0 + r, i - r * ns.k);
+  }
+}
+
+// drep::_denoise_noise (test hook, csrc/ops.cpp): eps rows as this file's kernels draw them:
+// the prologue's groups of four (noisy_input_kernel with x = 0, a = 0, s = 1), or per element.
+at::Tensor denoise_noise_cuda(const at::Tensor& like, const at::Tensor& seed, int64_t row0, int64_t rows,
+                              int64_t cols, bool per_element) {
+  TORCH_CHECK(seed.device().is_cpu() && seed.dim() == 0 && seed.scalar_type() == at::kLong,
+              "seed must be a 0-d int64 CPU tensor");
+  TORCH_CHECK(row0 >= 0 && rows >= 0 && cols >= 0, "row0, rows and cols must be >= 0");
+  const c10::cuda::CUDAGuard guard(like.device());
+  const auto opts = like.options().dtype(at::kFloat);
+  at::Tensor out = at::empty({rows, cols}, opts);
+  if (rows * cols == 0) return out;
+  NoiseSource ns{};
+  ns.ptr = nullptr;
+  ns.seed = static_cast<uint64_t>(seed.item<int64_t>());
+  ns.k = cols;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  if (per_element) {
+    noise_per_element_kernel<<<cuda::blocks_for(rows * cols), cuda::kThreads, 0, stream>>>(ns, row0, rows,
+                                                                                          out.mutable_data_ptr<float>());
+  } else {
+    const at::Tensor zero = at::zeros({1}, opts);  // x, read with strides 0
+    noisy_input_kernel<float, float, float><<<cuda::blocks_for(rows * ((cols + 3) / 4)), cuda::kThreads, 0, stream>>>(
+        zero.const_data_ptr<float>(), 0, 0, ns, 0.0f, 1.0f, row0, rows, cols, out.mutable_data_ptr<float>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(drep, CUDA, m) { m.impl("denoise_loss_fwd", &denoise_loss_fwd_cuda); }
+TORCH_LIBRARY_IMPL(drep, CUDA, m) {
+  m.impl("denoise_loss_fwd", &denoise_loss_fwd_cuda);
+  m.impl("_denoise_noise", &denoise_noise_cuda);
+}
 
 }  // namespace drep

@@ -54,6 +54,7 @@ def _eps_tile(
     N1: column group q of row m is tl.randn4x(seed, m ceil(K / 4) + q); k_start is a multiple
     of BLOCK, itself a multiple of 4, so the tile holds whole groups: one Philox call per four
     elements, interleaved back into column order."""
+    tl.static_assert(BLOCK % 4 == 0, "N1 tiles hold whole groups of four columns")
     if HAS_NOISE:
         offs_k = k_start + tl.arange(0, BLOCK)
         ptrs = noise_ptr + offs_m[:, None] * stride_em + offs_k[None, :] * stride_ek
@@ -179,8 +180,6 @@ _CONFIGS = [
 _DEFAULT = _CONFIGS[1]
 _INTERPRET = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
 _ACTIVE = _common.config(_CONFIGS, _DEFAULT, _INTERPRET)
-_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _ACTIVE)
-_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _ACTIVE)
 
 _kernel = triton.autotune(configs=_ACTIVE, key=["M", "K", "COMPUTE_GRAD", "HAS_NOISE"], reset_to_zero=["dw_part_ptr"])(
     _denoise_loss_fwd_kernel
@@ -190,10 +189,10 @@ _kernel = triton.autotune(configs=_ACTIVE, key=["M", "K", "COMPUTE_GRAD", "HAS_N
 _PARTIAL_BYTES = 256 * 2**20
 
 
-def _num_groups(M: int, K: int, device: torch.device, itemsize: int) -> int:
+def _num_groups(M: int, K: int, device: torch.device, itemsize: int, min_block_m: int) -> int:
     """Row-block groups S for the gradient pass: enough programs (S x column blocks) to fill
     the GPU twice over, no more groups than row blocks, partial buffers bounded in memory."""
-    m_blocks = triton.cdiv(M, _MIN_BLOCK_M)
+    m_blocks = triton.cdiv(M, min_block_m)
     if _common.INTERPRET:
         # Several groups with several row blocks each, so small test shapes cover both.
         return max(1, min(3, m_blocks))
@@ -220,6 +219,12 @@ def denoise_loss_fwd(
     Returns loss (0-d), grad_weight (K, K), grad_bias (K,) in the compute dtype; the gradients
     are empty when ``compute_grad`` is False (grad_bias also without a bias).
     """
+    return _denoise_loss(x, denoise_weight, denoise_bias, a, s, noise, seed, compute_grad, _kernel, _ACTIVE)
+
+
+def _denoise_loss(x, denoise_weight, denoise_bias, a, s, noise, seed, compute_grad, kernel, configs, meta=None):
+    """denoise_loss_fwd with ``kernel`` autotuned over ``configs``, or (tests) the plain
+    kernel with one config's block sizes in ``meta``: the buffers are sized for the smallest."""
     _common.check_device(x, denoise_weight, denoise_bias, noise)
     cdt = _common.compute_dtype(x.dtype)
     M, K = x.shape
@@ -235,9 +240,11 @@ def denoise_loss_fwd(
             return loss, empty(), empty()
         return loss, x.new_zeros((K, K), dtype=cdt), (x.new_zeros(K, dtype=cdt) if has_bias else empty())
 
-    groups = _num_groups(M, K, x.device, torch.finfo(cdt).bits // 8) if compute_grad else None
-    rows = groups if compute_grad else triton.cdiv(M, _MIN_BLOCK_M)
-    cols = triton.cdiv(K, _MIN_BLOCK_N)
+    min_block_m = min(c.kwargs["BLOCK_M"] for c in configs)
+    min_block_n = min(c.kwargs["BLOCK_N"] for c in configs)
+    groups = _num_groups(M, K, x.device, torch.finfo(cdt).bits // 8, min_block_m) if compute_grad else None
+    rows = groups if compute_grad else triton.cdiv(M, min_block_m)
+    cols = triton.cdiv(K, min_block_n)
     # (|D| sum, D^2 sum) per program; zeros where a config's grid is smaller than the bound.
     loss_part = torch.zeros((rows, cols, 2), dtype=cdt, device=x.device)
     dw_part = torch.zeros((groups, K, K) if compute_grad else (1,), dtype=cdt, device=x.device)
@@ -251,7 +258,7 @@ def denoise_loss_fwd(
     s_hi, s_lo = _common.split_scalar(s)
     bias = denoise_bias if has_bias else denoise_weight  # placeholder pointer, never read
     eps = noise if noise is not None else x
-    _kernel[grid](
+    kernel[grid](
         x, denoise_weight, bias, eps,
         loss_part, dw_part, db_part,
         M, K, int(seed) if noise is None else 0, a_hi, a_lo, s_hi, s_lo,
@@ -261,6 +268,7 @@ def denoise_loss_fwd(
         HAS_BIAS=has_bias, HAS_NOISE=noise is not None, COMPUTE_GRAD=compute_grad,
         DTYPE=tl.float64 if cdt == torch.float64 else tl.float32,
         INPUT_PRECISION=_common.input_precision(cdt),
+        **(meta or {}),
     )
     # Fixed-order reductions of the partials (deterministic), the mean's 1 / (M K) applied once.
     loss = loss_part.to(torch.float64).sum().div(n).to(cdt)
