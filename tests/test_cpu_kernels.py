@@ -91,10 +91,11 @@ def test_matches_oracle(dtype, M, K, bias):
     check_against_oracle(out, x, w, b, eps, dtype)
 
 
-# Tiles hold about 2^20 elements and at least 2 chunks (4096 rows of 256-row chunks at K = 33,
-# 1024 rows of 512-row chunks at K = 1030); K = 1030 has 3 gradient blocks. These shapes span
-# 2 tiles with ragged ends.
-MULTI_TILE = [(4500, 33), (1100, 1030)]
+# Tiles hold at most about 2^20 elements (at most 4096 rows of 256-row chunks at K = 33, 1024
+# rows of 512-row chunks at K = 1030), M is cut into equal tiles and a tile into an even number
+# of equal chunks (make_plan). These shapes span 2 tiles with ragged ends: 4501 = 2251 + 2250
+# rows in chunks of 226, 1101 = 551 + 550 rows in chunks of 276; K = 1030 has 3 gradient blocks.
+MULTI_TILE = [(4501, 33), (1101, 1030)]
 
 
 @pytest.mark.parametrize("M,K", MULTI_TILE, ids=["2-tiles", "2-tiles-3-blocks"])
@@ -245,7 +246,7 @@ def recover_kernel_noise(M, K, seed):
 
 @pytest.fixture(scope="module")
 def recovered():
-    # K = M = 1100: 1.21M samples over 2 tiles (1024 rows) of chunks of 512 rows.
+    # K = M = 1100: 1.21M samples over 2 tiles of 550 rows, each 2 chunks of 275 rows.
     eps, loss = recover_kernel_noise(1100, 1100, 2024)
     return eps, loss
 
@@ -253,9 +254,9 @@ def recovered():
 def test_in_kernel_noise_equals_rng_normal(recovered):
     eps, loss = recovered
     K = 1100
-    # Rows at chunk and tile edges (chunks of 512, tiles of 1024 rows here) and a spread of
+    # Rows at chunk and tile edges (chunks of 275, tiles of 550 rows here) and a spread of
     # others: rng.normal in plain torch is slow, the whole 1100 x 1100 would take seconds.
-    rows = sorted({0, 1, 511, 512, 513, 1023, 1024, 1025, 1099} | set(range(3, K, 53)))
+    rows = sorted({0, 1, 274, 275, 276, 549, 550, 551, 824, 825, 1099} | set(range(3, K, 53)))
     want = rng.normal_at(2024, torch.tensor(rows)[:, None], torch.arange(K), K)
     torch.testing.assert_close(eps[rows], want, rtol=1e-5, atol=1e-5)
     # The loss of D = -eps is mean |eps| + mean eps^2 over all elements.
@@ -286,9 +287,9 @@ def test_noise_has_no_correlation_between_neighbours_and_tiles(recovered):
     bound = 5 / math.sqrt(eps[:, 1:].numel())
     assert abs(corr(eps[:, :-1], eps[:, 1:])) < bound  # neighbours in a row
     assert abs(corr(eps[:-1], eps[1:])) < bound  # neighbours in a column
-    # Rows of different tiles (1024 rows here) and of different chunks (512 rows).
-    assert abs(corr(eps[:76], eps[1024:])) < 5 / math.sqrt(76 * 1100)
-    assert abs(corr(eps[:512], eps[512:1024])) < 5 / math.sqrt(512 * 1100)
+    # Rows of different tiles (550 rows here) and of different chunks (275 rows).
+    assert abs(corr(eps[:550], eps[550:])) < 5 / math.sqrt(550 * 1100)
+    assert abs(corr(eps[:275], eps[275:550])) < 5 / math.sqrt(275 * 1100)
     # The squares too (a shared uniform would correlate magnitudes).
     assert abs(corr(eps[:, :-1] ** 2, eps[:, 1:] ** 2)) < bound
 
