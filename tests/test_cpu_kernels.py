@@ -332,6 +332,30 @@ def test_seeded_equals_its_noise_given_explicitly(M, K):
         assert torch.equal(g, r)
 
 
+@pytest.mark.slow
+def test_more_than_2_31_elements():
+    """M K = 2^31 + 2^20 (about 30 s on 2 cores): row and element offsets and noise counters
+    past 32 bits. x is a stride-0 expanded zero tensor (no memory); with W_d = 0, b_d = 0,
+    a = 0, s = 1 we have D = -eps, so n loss = sum |eps| + eps^2 and n dL/db_d = -column sums
+    of sign(eps) + 2 eps, both summed in float64 by the kernel. Two calls, with M K = 2^31 and
+    2^31 + 2^20, differ by the sums over the rows past element 2^31 alone, checked against
+    rng.py there: noise repeated from row 0, or rows dropped, would change them by O(sqrt(2^20))."""
+    k, seed = 32, 2**33 + 7
+    m_low, m_high = 2**31 // k, (2**31 + 2**20) // k
+    wd, bd = torch.zeros(k, k), torch.zeros(k)
+    sums = []
+    for m in (m_low, m_high):
+        x = torch.zeros(1, k).expand(m, k)
+        loss, _, gb = fwd(x, wd, bd, 0.0, 1.0, None, torch.tensor(seed), True)
+        sums.append((loss.double() * m * k, gb.double() * m * k))
+    e = rng.normal(seed, m_high - m_low, k, row0=m_low).double()
+    want_loss = (e.abs() + e.square()).sum()
+    want_gb = -(torch.sign(e) + 2 * e).sum(0)
+    assert_close(sums[1][0] - sums[0][0], want_loss, 1e-3, 0.0, "loss over elements >= 2^31")
+    scale = want_gb.abs().max().item()
+    assert_close((sums[1][1] - sums[0][1]) / scale, want_gb / scale, 1e-3, 1e-3, "db over elements >= 2^31")
+
+
 def test_seeded_float64_uses_float32_noise():
     # float64 inputs take the float32 stream widened, as the torch backend does.
     x, w, b, _ = make_inputs(40, 16, torch.float64)
