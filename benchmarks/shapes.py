@@ -8,7 +8,8 @@ and its inference on (M, K, out).
 Size sets (``--drep-sizes``):
 - ``smoke``: one tiny shape per op, to check that the suite runs (seconds, no meaning);
 - ``default``: what a shared 2-core CPU finishes in under 10 minutes (the published CPU
-  table): batch 8 (M = 1576), loss at K = 384..3072, merge and layers of ViT-S and ViT-B fc1;
+  table): batch 8 (M = 1576), loss at K = 384..3072, merge at ViT-S fc1/fc2 and ViT-B fc1,
+  steps and inference at ViT-S fc1/fc2;
 - ``full``: the GPU sweep, every layer of ViT-S/B/L: the loss at batch 32 and 128, a
   layer's step and inference at batch 128.
 """

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import math
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
@@ -59,8 +60,23 @@ def _forward_order(model: nn.Module, candidates: dict[int, str], example_inputs:
     return order + [n for n in candidates.values() if n not in order]
 
 
-def _cannot_convert(module: nn.Module) -> Optional[str]:
+def _weights_read_directly(model: nn.Module) -> dict[int, str]:
+    """Layers whose owner reads their weight itself and never calls their forward, by id: a
+    denoising layer there would make no loss and its merge would never be used in training,
+    while fuse would put the merged weight there."""
+    return {
+        id(m.out_proj): "nn.MultiheadAttention reads out_proj.weight directly (its forward is never called)"
+        for m in model.modules()
+        if isinstance(m, nn.MultiheadAttention)
+    }
+
+
+def _cannot_convert(module: nn.Module, read_directly: Mapping[int, str]) -> Optional[str]:
     """Why this candidate layer is left as it is, or None if it can be converted."""
+    if id(module) in read_directly:
+        return read_directly[id(module)]
+    if isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward:
+        return f"{type(module).__name__} overrides Linear's forward"
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
             return f"grouped conv (groups={module.groups}): W_d would mix the groups' filters"
@@ -94,8 +110,10 @@ def convert(
 
     Args:
         include: layer types to convert: ``nn.Linear`` (default) and/or ``nn.Conv2d`` (and their
-            subclasses). Grouped convs, and convs whose class overrides the forward, are left
-            as they are; the reason is logged (logger ``"drep_kernels"``, level INFO).
+            subclasses). Left as they are, with the reason logged (logger ``"drep_kernels"``,
+            level INFO): grouped convs; layers whose class overrides the forward (the denoising
+            layer would drop that behaviour); layers whose owner reads their weight without
+            calling them (``nn.MultiheadAttention.out_proj``).
         exclude: qualified-name glob patterns and/or types to skip, or a predicate(name, module).
         init, label_augmented: passed to each ``DenoiseLinear`` / ``DenoiseConv2d``.
     Raises:
@@ -109,9 +127,10 @@ def convert(
     if _denoise_layers(model):
         raise ValueError("model is already converted (it holds denoising layers); convert it once")
     candidates: dict[int, str] = {}
+    read_directly = _weights_read_directly(model)
     for name, module in model.named_modules():
         if isinstance(module, include) and not _excluded(name, module, exclude) and id(module) not in candidates:
-            why_not = _cannot_convert(module)
+            why_not = _cannot_convert(module, read_directly)
             if why_not is not None:
                 _log.info("convert: leaving %s unconverted: %s", name or type(module).__name__, why_not)
                 continue
@@ -152,7 +171,8 @@ def denoise_loss(model: nn.Module) -> Tensor:
     """Sum of the denoising losses the model's layers produced since the last call; clears them.
 
     Add ``lambda * denoise_loss(model)`` (the authors use lambda = 0.01) to the task loss.
-    Returns a 0-d float32 zero when no loss was produced (eval, no_grad, backbone phase).
+    The sum is 0-d, in the layers' loss dtype (float32; float64 for float64 layers). Returns a
+    0-d float32 zero when no loss was produced (eval, no_grad, backbone phase).
     """
     losses = []
     for _, layer in _denoise_layers(model):
@@ -162,7 +182,8 @@ def denoise_loss(model: nn.Module) -> Tensor:
     if not losses:
         p = next(model.parameters(), None)
         return torch.zeros((), device=p.device if p is not None else "cpu")
-    return torch.stack([loss.float() for loss in losses]).sum()
+    dtype = functools.reduce(torch.promote_types, (loss.dtype for loss in losses))
+    return torch.stack([loss.to(dtype) for loss in losses]).sum()
 
 
 def set_phase(model: nn.Module, phase: str) -> nn.Module:
@@ -218,7 +239,7 @@ def load_reference_state_dict(module_or_model: nn.Module, state_dict: Mapping[st
     Per layer it expects ``weight``, ``bias``, ``dm.weight``, ``dm.bias``, ``time_mlp.{1,3}.*``
     and optionally the schedule buffers (``betas``, ``alphas_cumprod``, ...). The time
     embedding is folded into the denoise bias once, at the layer's own t:
-    b_d <- dm.bias + dm.weight e_t (docs/method.md, "Time embedding"). Other keys are loaded
+    b_d <- dm.bias + dm.weight e_t (docs/method.md, section 5, T1). Other keys are loaded
     as they are; the load is strict.
     """
     layers = _denoise_layers(module_or_model)

@@ -70,6 +70,55 @@ def test_include_exclude():
         dk.convert(_net(), include=(nn.GELU,))
 
 
+class _ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _Attention(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.scaled = _ScaledLinear(d, d)
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.fc(self.scaled(self.attn(x, x, x, need_weights=False)[0]))
+
+
+def test_leaves_layers_it_cannot_denoise(caplog):
+    # MultiheadAttention reads out_proj.weight itself (a converted out_proj would never make a
+    # loss, and fuse would change the model); a subclass's own forward would be lost.
+    import logging
+
+    torch.manual_seed(3)
+    model = _Attention()
+    x = torch.randn(2, 5, 8)
+    with caplog.at_level(logging.INFO, logger="drep_kernels"):
+        dk.convert(model, init="linear")
+    assert dk.timesteps(model) == {"fc": 1}
+    assert not isinstance(model.attn.out_proj, dk.DenoiseLinear) and type(model.scaled) is _ScaledLinear
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "attn.out_proj" in messages and "MultiheadAttention" in messages
+    assert "scaled" in messages and "_ScaledLinear overrides Linear's forward" in messages
+    # Trained or not, the fused model computes what the converted one does.
+    dk.set_phase(model, "denoiser")
+    model.train()
+    model(x)
+    dk.denoise_loss(model).backward()
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+        assert_close(dk.fuse(model)(x), before, 1e-6, 1e-6, "fused vs converted")
+
+
+def test_denoise_loss_keeps_float64():
+    model = dk.convert(Net().double(), init="linear")
+    model(torch.randn(4, 8, dtype=torch.float64))
+    loss = dk.denoise_loss(model)
+    assert loss.dtype == torch.float64 and loss.item() > 0
+
+
 def test_refuses_double_conversion_and_too_many_layers():
     model = dk.convert(_net())
     with pytest.raises(ValueError, match="already converted"):

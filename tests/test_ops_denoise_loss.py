@@ -131,6 +131,8 @@ def test_opcheck(backend):
         (dict(a=float("nan")), ValueError, "a must be finite"),
         (dict(s=float("inf")), ValueError, "s must be finite"),
         (dict(noise=torch.randn(3, 4)), ValueError, "noise must have the shape"),
+        # Same element count and K, another layout: refused, not silently reshaped.
+        (dict(x=torch.randn(2, 3, 5), noise=torch.randn(3, 2, 5)), ValueError, "noise must have the shape"),
         (dict(noise=torch.randn(3, 5), seed=1), ValueError, "noise or seed"),
         (dict(seed=-1), ValueError, "seed must be"),
     ],

@@ -8,6 +8,7 @@ GEMM (p again, then dW_d); computing in forward is exactly the two-GEMM floor.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -67,20 +68,21 @@ denoise_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def flat_noise_and_seed(
-    x2d: Tensor, noise: Optional[Tensor], seed: Optional[int | Tensor]
+    x: Tensor, noise: Optional[Tensor], seed: Optional[int | Tensor]
 ) -> tuple[Optional[Tensor], Tensor]:
-    """Check ``noise`` / ``seed`` for the (M, K) input and return (noise as (M, K), seed tensor).
+    """Check ``noise`` / ``seed`` for the (..., K) input x and return (noise as (M, K), seed
+    tensor).
 
     Without either, a seed is drawn from torch's default CPU generator."""
     if noise is not None:
         if seed is not None:
             raise ValueError("give noise or seed, not both")
         _checks.tensor("noise", noise)
-        if noise.numel() != x2d.numel() or noise.shape[-1] != x2d.shape[-1]:
-            raise ValueError(f"noise must have the shape of x, got {tuple(noise.shape)}")
-        if noise.device != x2d.device:
-            raise ValueError(f"noise is on {noise.device} but x is on {x2d.device}")
-        return noise.reshape(x2d.shape), torch.zeros((), dtype=torch.int64)
+        if noise.shape != x.shape:
+            raise ValueError(f"noise must have the shape of x, {tuple(x.shape)}, got {tuple(noise.shape)}")
+        if noise.device != x.device:
+            raise ValueError(f"noise is on {noise.device} but x is on {x.device}")
+        return noise.reshape(math.prod(x.shape[:-1]), x.shape[-1]), torch.zeros((), dtype=torch.int64)
     if seed is None:
         return None, rng.draw_seed()
     if isinstance(seed, Tensor):
@@ -126,7 +128,7 @@ def denoise_loss(
     _checks.shape("denoise_bias", denoise_bias, (K,))
     a, s = _checks.finite("a", a), _checks.finite("s", s)
     x2d = x.reshape(-1, K)
-    noise2d, seed_t = flat_noise_and_seed(x2d, noise, seed)
+    noise2d, seed_t = flat_noise_and_seed(x, noise, seed)
     compute_grad = torch.is_grad_enabled() and (
         denoise_weight.requires_grad or (denoise_bias is not None and denoise_bias.requires_grad)
     )

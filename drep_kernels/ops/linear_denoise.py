@@ -106,7 +106,7 @@ def linear_denoise(
     _checks.shape("denoise_weight", denoise_weight, (K, K))
     _checks.shape("denoise_bias", denoise_bias, (K,))
     a, s, c1, c3 = (_checks.finite(n, getattr(coefficients, n)) for n in ("a", "s", "c1", "c3"))
-    noise2d, seed_t = flat_noise_and_seed(x.reshape(-1, K), noise, seed)
+    noise2d, seed_t = flat_noise_and_seed(x, noise, seed)
     merged_weight, merged_bias = merged if merged is not None else (None, None)
     outputs = torch.ops.drep.linear_denoise(
         x,
