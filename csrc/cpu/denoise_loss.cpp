@@ -321,6 +321,34 @@ RowLoader<scalar_t> row_loader(at::ScalarType t) {
 // ---------------------------------------------------------------------------------------
 // Work distribution.
 
+}  // namespace
+}  // namespace drep
+
+// MKL's per-thread thread count, C interface (mkl_service.h maps mkl_set_num_threads_local to
+// it; the lowercase symbol is the Fortran one, taking a pointer). Exported by torch's MKL
+// builds; weak: null where torch has no MKL.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+namespace drep {
+namespace {
+
+// Runs every BLAS call of the current thread's items on one thread, restoring the previous
+// setting on exit. Without it, torch's MKL (which disables MKL_DYNAMIC) splits a GEMM called
+// inside our parallel region by the global thread count on its AVX-512 path, so dL/dW_d's
+// reduction order, and its last bits, changed with torch.get_num_threads() on Intel CPUs.
+// OpenBLAS needs nothing: inside an OpenMP region it runs single-threaded.
+struct OneBlasThread {
+  int previous = 0;
+  OneBlasThread() {
+    if (MKL_Set_Num_Threads_Local != nullptr) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~OneBlasThread() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous);
+  }
+  OneBlasThread(const OneBlasThread&) = delete;
+  OneBlasThread& operator=(const OneBlasThread&) = delete;
+};
+
 // Runs item(i) for every i in [0, n) on torch's intra-op threads, each item whole on one
 // thread, items taken from a shared counter (a core lost to another process delays only the
 // items it would have taken). At least two slots are opened when torch has two or more
@@ -337,6 +365,7 @@ void run_items(int64_t n, const F& item) {
   const at::ThreadLocalState caller_state;
   at::parallel_for(0, slots, 1, [&](int64_t, int64_t) {
     const at::ThreadLocalStateGuard state_guard(caller_state);
+    const OneBlasThread one_blas_thread;
     const int thread = at::get_thread_num();
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) item(i, thread);
   });
