@@ -4,11 +4,47 @@
 // fake kernels, backend choice) are defined in Python, drep_kernels/ops/, and call these.
 #include <Python.h>
 #include <torch/library.h>
+#include <torch/version.h>
+
+#ifdef DREP_WITH_CUDA
+#include "build_info.h"
+#endif
+
+namespace {
+
+// _C.build_info(): what this binary was compiled against, from the compiler's own macros, so
+// that `python -m drep_kernels.env` can tell a stale or mismatched build without a GPU:
+// {"torch": "2.14.1", "cuda": "13.0" or None, "cuda_archs": "800,900" or None}.
+PyObject* build_info(PyObject*, PyObject*) {
+#ifdef DREP_WITH_CUDA
+  const int rt = drep::cuda_runtime_version();
+  PyObject* cuda = PyUnicode_FromFormat("%d.%d", rt / 1000, (rt % 1000) / 10);
+  PyObject* archs = PyUnicode_FromString(drep::cuda_arch_list());
+#else
+  PyObject* cuda = Py_NewRef(Py_None);
+  PyObject* archs = Py_NewRef(Py_None);
+#endif
+  if (cuda == nullptr || archs == nullptr) {
+    Py_XDECREF(cuda);
+    Py_XDECREF(archs);
+    return nullptr;
+  }
+  // "N" steals the references made above.
+  return Py_BuildValue("{s:s,s:N,s:N}", "torch", TORCH_VERSION, "cuda", cuda, "cuda_archs", archs);
+}
+
+PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS, "What this extension was compiled against (torch, CUDA, archs)."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
 
 extern "C" {
-// Importing drep_kernels._C runs the static registrars below; the module itself is empty.
+// Importing drep_kernels._C runs the static registrars below (the kernels); the module itself
+// holds only build_info().
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

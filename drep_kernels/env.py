@@ -27,7 +27,7 @@ def report() -> str:
     import torch
 
     from . import __version__
-    from .backends import NAMES, OPS, backends, extension_error, implements, triton_error
+    from .backends import NAMES, OPS, backends, extension_diagnosis, implements, triton_error
 
     lines = [
         f"drep_kernels {__version__}",
@@ -41,8 +41,10 @@ def report() -> str:
         lines.append(f"triton       {triton.__version__}")
     except ImportError:
         lines.append("triton       not installed")
-    err = extension_error()
-    lines.append(f"extension    {'drep_kernels._C loaded' if err is None else 'not loaded: ' + err}")
+    err = extension_diagnosis()
+    lines.append(f"extension    {'drep_kernels._C loaded' if err is None else err}")
+    if err is None:
+        lines += _build_lines(torch.__version__)
     if torch.cuda.is_available():
         lines.append(f"GPU          {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
     else:
@@ -56,7 +58,47 @@ def report() -> str:
             lines.append(f"  {op:<14} on {device:<4}: {', '.join(have)}")
     forced = os.environ.get("DREP_BACKEND")
     lines.append(f"DREP_BACKEND {forced or '(unset: fastest available)'}")
+    if forced:
+        lines += _forced_backend_problems(forced)
     return "\n".join(lines)
+
+
+def _build_lines(running_torch: str) -> list[str]:
+    """What the loaded extension says it was compiled against (its own build_info())."""
+    from . import _C
+
+    info = _C.build_info()
+    lines = [f"  built with torch {info['torch']}"]
+    if info["torch"] != running_torch.split("+")[0]:
+        lines[0] += (
+            f"  <- MISMATCH: running torch {running_torch}; rebuild: "
+            "pip install --no-build-isolation --force-reinstall --no-deps ."
+        )
+    if info["cuda"] is None:
+        lines.append("  CUDA kernels not built (CPU kernels only)")
+    else:
+        archs = ", ".join(f"sm_{int(a) // 10}" for a in info["cuda_archs"].split(","))
+        lines.append(f"  CUDA kernels built for {archs} against CUDA {info['cuda']} headers")
+    return lines
+
+
+def _forced_backend_problems(forced: str) -> list[str]:
+    """One line per op and device that DREP_BACKEND=``forced`` cannot run here (select() would
+    raise there), so a wrong setting shows before a training run does."""
+    import torch
+
+    from .backends import NAMES, OPS, _why_not, implements
+
+    if forced not in NAMES:
+        return [f"  <- not a backend: choose one of {', '.join(NAMES)}"]
+    lines = []
+    for d in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        bad = [op for op in OPS if not implements(forced, op, d)]
+        if bad:
+            lines.append(f"  <- cannot run {', '.join(bad)} on {d} tensors here ({_why_not(forced, d)}): they would raise")
+    if not torch.cuda.is_available() and forced == "cuda":
+        lines.append("  <- no CUDA device is visible")
+    return lines
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ torch.library.opcheck.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -494,3 +495,75 @@ def test_baseline_isa_paths():
     env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in sys.path if p])
     out = subprocess.run([sys.executable, "-c", BASELINE_SCRIPT], env=env, cwd=here, capture_output=True, text=True)
     assert out.returncode == 0 and "baseline ok" in out.stdout, out.stdout + out.stderr
+
+
+# --- determinism on every BLAS path ---------------------------------------------------------
+# MKL picks its GEMM kernels by CPU: AVX2 ones on AMD, AVX-512 ones on Intel. Only the latter
+# split a GEMM's reduction by thread count inside our parallel region (before the kernel set
+# one MKL thread per work item, dL/dW_d differed between 1 and 2 threads on Intel only). MKL's
+# CPU detection is an exported function of torch's MKL: a preloaded stand-in returning CPU type
+# 7 makes MKL run the AVX-512 kernels it runs on Intel, so an AMD machine with AVX-512 tests
+# that path too (measured: GEMMs 1.4x faster, and a plain threaded G^T X then differs by
+# thread count, as on Intel).
+MKL_AVX512_SHIM = "int mkl_serv_cpu_detect(void) { return 7; }\n"
+
+MKL_PATH_SCRIPT = r"""
+import sys, torch
+import test_cpu_kernels as t
+torch.manual_seed(0)
+g, x = torch.randn(3500, 300), torch.randn(3500, 300)
+torch.set_num_threads(1); one = g.t() @ x
+torch.set_num_threads(2); two = g.t() @ x
+print("plain GEMM thread-count invariant:", torch.equal(one, two))
+for seeded in (True, False):
+    for M, K in ((3500, 300), (1100, 1100)):
+        t.test_bitwise_same_for_1_and_2_threads(M, K, seeded)
+print("bitwise ok")
+"""
+
+
+def _mkl_exports(name: str) -> bool:
+    import ctypes
+
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    try:
+        return hasattr(ctypes.CDLL(lib), name)
+    except OSError:
+        return False
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+@pytest.mark.parametrize("mkl_path", ["default", "avx2", "avx512"])
+def test_bitwise_for_any_thread_count_on_every_mkl_path(mkl_path, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    if "mkl" not in torch.__config__.show().lower() or not _mkl_exports("mkl_serv_cpu_detect"):
+        pytest.skip("torch is not built with MKL (its BLAS runs GEMMs on one thread in a parallel region)")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([here] + [p for p in sys.path if p]))
+    if mkl_path == "avx2":
+        env["MKL_ENABLE_INSTRUCTIONS"] = "AVX2"
+    elif mkl_path == "avx512":
+        if "avx512f" not in _cpu_flags():
+            pytest.skip("the CPU has no AVX-512")
+        cc = shutil.which("cc") or shutil.which("gcc")
+        assert cc is not None, "a C compiler is needed to build the MKL CPU-type shim"
+        shim = tmp_path / "mkl_avx512.so"
+        (tmp_path / "shim.c").write_text(MKL_AVX512_SHIM)
+        subprocess.run([cc, "-shared", "-fPIC", "-o", str(shim), str(tmp_path / "shim.c")], check=True)
+        env["LD_PRELOAD"] = str(shim)
+    out = subprocess.run([sys.executable, "-c", MKL_PATH_SCRIPT], env=env, cwd=here, capture_output=True, text=True)
+    assert out.returncode == 0 and "bitwise ok" in out.stdout, out.stdout + out.stderr
+    if mkl_path == "avx512":
+        # The shim must really have switched MKL to the path that splits reductions by thread
+        # count, or this case tested nothing new.
+        assert "plain GEMM thread-count invariant: False" in out.stdout, out.stdout

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -34,6 +35,34 @@ def extension_error() -> str | None:
     except ImportError as e:  # not built (source checkout) or built against another torch
         return str(e)
     return None
+
+
+def extension_diagnosis() -> str | None:
+    """None when ``drep_kernels._C`` is loaded; else why not, and the command that fixes it
+    (shown by ``python -m drep_kernels.env`` and by the test suite, which stops on it)."""
+    err = extension_error()
+    if err is None:
+        return None
+    package_dir = Path(__file__).resolve().parents[1]
+    built = any(package_dir.glob("_C.*.so")) or any(package_dir.glob("_C.*.pyd"))
+    rebuild = "pip install --no-build-isolation --force-reinstall --no-deps ."
+    if "undefined symbol" in err or "version" in err.lower():
+        why = (
+            f"it was built against another torch than the one running ({torch.__version__}): an "
+            f"ABI mismatch. Fix: rebuild against this torch: {rebuild}"
+        )
+    elif not built and (package_dir.parent / "setup.py").exists():
+        why = (
+            f"{package_dir} is a source tree without a compiled extension (imported instead of an "
+            "installed build?). Fix: pip install --no-build-isolation .  (or, to develop in "
+            "place: pip install --no-build-isolation -e .), and run from outside the source tree "
+            "or with pytest, whose conftest.py prefers the installed build"
+        )
+    elif not built:
+        why = f"the package at {package_dir} has no compiled _C (the build left it out or failed). Fix: {rebuild} -v"
+    else:
+        why = f"it did not load. Fix: {rebuild}"
+    return f"drep_kernels._C is not usable: {why}. Import error: {err}"
 
 
 def _registered(op: str, dispatch_key: str) -> bool:
