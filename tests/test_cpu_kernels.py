@@ -518,6 +518,9 @@ print("plain GEMM thread-count invariant:", torch.equal(one, two))
 for seeded in (True, False):
     for M, K in ((3500, 300), (1100, 1100)):
         t.test_bitwise_same_for_1_and_2_threads(M, K, seeded)
+for dtype in (torch.float32, torch.float64):  # and right, on this BLAS path, over 2 tiles
+    x, w, b, eps = t.make_inputs(3500, 300, dtype)
+    t.check_against_oracle(t.fwd(x, w, b, t.A, t.S, eps, t.SEED, True), x, w, b, eps, dtype)
 print("bitwise ok")
 """
 
