@@ -7,6 +7,9 @@ shape, dtype, contender) for the device in use (CUDA when present, else CPU;
 ``--drep-device`` overrides). Under ``--drep-budget-s`` cases run most-important first:
 everything uncompiled, then torch.compile, then max-autotune, so the budget drops the least
 important; without a budget a group's contenders run one after the other.
+
+The session ends with report.py's summary table of its results (after pytest-benchmark's own
+tables), the command that writes the full report and plot, and the session's wall time.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from . import report
 from .shapes import default_device, specs
 
 _TIER = {"compile": 1, "compile-max-autotune": 2}
@@ -135,3 +139,31 @@ def pytest_runtest_setup(item):
     start = getattr(item.config, "_drep_start", None)
     if budget is not None and start is not None and time.monotonic() - start > budget:
         pytest.skip(f"--drep-budget-s={budget:g} spent")
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's tables: the answer comes last
+def pytest_terminal_summary(terminalreporter, config):
+    session = getattr(config, "_benchmarksession", None)
+    if session is None:  # pytest-benchmark not loaded (-p no:benchmark)
+        return
+    rows = report.rows_of([b.as_dict(include_data=False) for b in session.benchmarks if not b.has_error])
+    if not rows:  # nothing timed: --benchmark-skip / --benchmark-disable, or every case skipped
+        return
+    tr = terminalreporter
+    sizes = config.getoption("--drep-sizes", default="default")
+    tr.write_sep("=", f"drep-kernels summary ({sizes} sizes)")
+    for line in report.summary_table(report.by_group(rows)):
+        tr.write_line(line)
+    saved = config.getoption("benchmark_json", default=None)
+    if saved:
+        tr.write_line(f"full report and plot: python -m benchmarks.report {saved}")
+    else:
+        tr.write_line("full report and plot: add --benchmark-json=bench-out/run.json to this command, "
+                      "then python -m benchmarks.report bench-out/run.json")
+    start = getattr(config, "_drep_start", None)
+    took = "" if start is None else f"the pytest session took {time.monotonic() - start:.0f} s; "
+    if sizes == "smoke":
+        tr.write_line(f"{took}smoke sizes check that the suite runs: their times are not results")
+    else:
+        tr.write_line(f"{took}shorter: --drep-sizes=smoke (one tiny shape per group, checks that it runs) "
+                      "or --drep-budget-s=SECONDS (skips the cases that would start later)")

@@ -53,26 +53,34 @@ def load(paths: list[str]) -> tuple[list[Row], dict, str]:
             data = json.load(f)
         machine = machine or data.get("machine_info", {})
         when = when or data.get("datetime", "")
-        for b in data.get("benchmarks", []):
-            info = b.get("extra_info", {})
-            stats = b.get("stats", {})
-            median = info.get("median_s", stats.get("median"))
-            if median is None:
-                continue
-            device_timed = info.get("timer") == "cuda_event" and "data" not in stats
-            rows.append(
-                Row(
-                    group=b.get("group") or b["name"],
-                    contender=info.get("contender", b.get("param", b["name"])),
-                    role=info.get("role", "other"),
-                    median=median,
-                    q1=None if device_timed else stats.get("q1"),
-                    q3=None if device_timed else stats.get("q3"),
-                    rounds=info.get("rounds", stats.get("rounds", 0)),
-                    info=info,
-                )
-            )
+        rows += rows_of(data.get("benchmarks", []))
     return rows, machine, when
+
+
+def rows_of(benchmarks: list[dict]) -> list[Row]:
+    """Rows from pytest-benchmark's per-case dicts: a saved JSON's "benchmarks", or the live
+    session's results (``as_dict()``, which benchmarks/conftest.py summarises at the end)."""
+    rows = []
+    for b in benchmarks:
+        info = b.get("extra_info", {})
+        stats = b.get("stats", {})
+        median = info.get("median_s", stats.get("median"))
+        if median is None:
+            continue
+        device_timed = info.get("timer") == "cuda_event" and "data" not in stats
+        rows.append(
+            Row(
+                group=b.get("group") or b["name"],
+                contender=info.get("contender", b.get("param", b["name"])),
+                role=info.get("role", "other"),
+                median=median,
+                q1=None if device_timed else stats.get("q1"),
+                q3=None if device_timed else stats.get("q3"),
+                rounds=info.get("rounds", stats.get("rounds", 0)),
+                info=info,
+            )
+        )
+    return rows
 
 
 def fmt_time(s: Optional[float]) -> str:

@@ -1,11 +1,13 @@
 """The benchmark suite is honest and works: its baselines compute our ops' math, its cases run,
-and its reporter turns saved pytest-benchmark JSON into the table."""
+its reporter turns saved pytest-benchmark JSON into the table, and a run ends with that table."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -235,6 +237,84 @@ def test_report_without_matplotlib_still_writes_markdown(tmp_path, monkeypatch):
 
 def test_report_refuses_empty_input(tmp_path):
     assert report.main([str(tmp_path / "missing.json")]) == 2
+
+
+# --- the suite's own output ---------------------------------------------------------------
+
+@pytest.mark.slow  # the smoke suite without compile baselines in a fresh pytest: about 20 s on 2 busy cores
+def test_suite_ends_with_the_summary_table(tmp_path):
+    """`pytest benchmarks/ --benchmark-only` ends with report.py's summary: after pytest-benchmark's
+    tables, one row per group, the command for the full report and the session's time."""
+    # Run from elsewhere: `python -m pytest` in the repository root would put the source tree,
+    # which a regular install leaves without _C, ahead of the installed drep_kernels.
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(ROOT / "benchmarks"), "--benchmark-only", "--drep-sizes=smoke",
+         "--drep-no-compile", "-p", "no:cacheprovider"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.rstrip("\n").splitlines()
+    start = max(i for i, line in enumerate(lines) if "drep-kernels summary (smoke sizes)" in line)
+    legend = max(i for i, line in enumerate(lines) if line.startswith("Legend:"))  # ends pytest-benchmark's tables
+    assert start > legend, "the summary is not after pytest-benchmark's tables"
+    block = lines[start + 1:]
+    groups = sorted({s.group for op in ("denoise_loss", "merge_weights", "train_step", "inference")
+                     for s in shapes.specs(op, "smoke", "cpu", compile_=False)})
+    assert block[:2] == report.summary_table({}), block[:2]  # the header and its rule
+    assert len(block) == 2 + len(groups) + 3, "\n".join(block)  # rows, hint, time, pytest's last line
+    rows = block[2:2 + len(groups)]
+    assert sorted(row.split(" | ")[0] for row in rows) == [f"| `{g}`" for g in groups], "\n".join(block)
+    hint, took, final = block[2 + len(groups):]
+    assert hint == ("full report and plot: add --benchmark-json=bench-out/run.json to this command, "
+                    "then python -m benchmarks.report bench-out/run.json"), hint
+    assert re.fullmatch(r"the pytest session took \d+ s; smoke sizes check that the suite runs: "
+                        r"their times are not results", took), took
+    assert re.fullmatch(r"=+ \d+ passed in .* =+", final), final
+
+
+class _Saved:
+    """A result as pytest-benchmark's session holds it (only what the summary hook reads)."""
+
+    has_error = False
+
+    def __init__(self, bench: dict):
+        self.bench = bench
+
+    def as_dict(self, include_data=True):
+        return self.bench
+
+
+class _Terminal:
+    def __init__(self):
+        self.lines = []
+
+    def write_sep(self, sep, title):
+        self.lines.append(f"{sep * 3} {title} {sep * 3}")
+
+    def write_line(self, line):
+        self.lines.append(line)
+
+
+def test_summary_hook_names_the_saved_json_and_the_shorter_run():
+    """With --benchmark-json the hint is the report command for that file; at default sizes the
+    time line offers the shorter runs. The table is report.py's, for the session's results."""
+    from benchmarks import conftest as bench_conftest
+
+    class Config:
+        _benchmarksession = type("Session", (), {"benchmarks": [_Saved(b) for b in SAVED["benchmarks"]]})()
+        _drep_start = time.monotonic() - 65
+
+        def getoption(self, name, default=None):
+            return {"--drep-sizes": "default", "benchmark_json": Path("bench-out/cpu.json")}.get(name, default)
+
+    tr = _Terminal()
+    bench_conftest.pytest_terminal_summary(tr, Config())
+    table = report.summary_table(report.by_group(report.rows_of(SAVED["benchmarks"])))
+    assert tr.lines[0] == "=== drep-kernels summary (default sizes) ==="
+    assert tr.lines[1:-2] == table and len(table) == 2 + 3, tr.lines
+    assert tr.lines[-2] == "full report and plot: python -m benchmarks.report bench-out/cpu.json"
+    assert re.fullmatch(r"the pytest session took 6\d s; shorter: --drep-sizes=smoke .* --drep-budget-s=SECONDS .*",
+                        tr.lines[-1]), tr.lines[-1]
 
 
 # --- the GPU run script -----------------------------------------------------------------
