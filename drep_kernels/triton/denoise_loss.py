@@ -56,7 +56,8 @@ def _eps_tile(
     elements, interleaved back into column order."""
     tl.static_assert(BLOCK % 4 == 0, "N1 tiles hold whole groups of four columns")
     if HAS_NOISE:
-        offs_k = k_start + tl.arange(0, BLOCK)
+        # int64 columns: with a transposed layout offs_k * stride_ek reaches M K (past 2^31).
+        offs_k = k_start + tl.arange(0, BLOCK).to(tl.int64)
         ptrs = noise_ptr + offs_m[:, None] * stride_em + offs_k[None, :] * stride_ek
         eps = tl.load(ptrs, mask=mask, other=0.0).to(DTYPE)
     else:
@@ -75,17 +76,24 @@ def _noisy_tile(
 ):
     """x_noisy = a x + s eps (L1) at columns k_start .., 0 outside the matrix (out-of-range
     eps is not 0)."""
-    offs_k = k_start + tl.arange(0, BLOCK)
+    offs_k = k_start + tl.arange(0, BLOCK).to(tl.int64)  # int64: offs_k * stride_xk may pass 2^31
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
     eps = _eps_tile(noise_ptr, offs_m, k_start, mask, K, seed, stride_em, stride_ek, BLOCK, HAS_NOISE, DTYPE)
     return tl.where(mask, a * x.to(DTYPE) + s * eps, 0.0)
 
 
-@triton.jit
+# Arguments that change from call to call (the seed every step, M with the batch): Triton must
+# not specialize on their values (== 1, divisible by 16), or a new value compiles a new kernel
+# (5 to 140 s) in the middle of training; the seed is typed int64 so that its width does not
+# depend on its value either. K and the strides stay specialized: they are fixed per layer.
+_DATA_ARGS = ("seed", "M")
+
+
+@triton.jit(do_not_specialize=_DATA_ARGS)
 def _denoise_loss_fwd_kernel(
     x_ptr, wd_ptr, bd_ptr, noise_ptr,
     loss_part_ptr, dw_part_ptr, db_part_ptr,
-    M, K, seed, a_hi, a_lo, s_hi, s_lo,
+    M, K, seed: tl.int64, a_hi, a_lo, s_hi, s_lo,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_em, stride_ek,
     loss_part_stride,
     HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
@@ -120,7 +128,8 @@ def _denoise_loss_fwd_kernel(
                 x_ptr, noise_ptr, offs_m, k0, mask_m[:, None] & mask_k[None, :], K, seed, a, s,
                 stride_xm, stride_xk, stride_em, stride_ek, BLOCK_K, HAS_NOISE, DTYPE,
             )
-            # The W_d^T tile: element (k, n) is W_d[n, k].
+            # The W_d^T tile: element (k, n) is W_d[n, k] (offsets below K^2 + K: int32 is enough
+            # for any K that fits a K x K float32 matrix in 8 GiB).
             w_ptrs = wd_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
             w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(DTYPE)
             acc = tl.dot(xn, w, acc, input_precision=INPUT_PRECISION)
@@ -181,9 +190,23 @@ _DEFAULT = _CONFIGS[1]
 _INTERPRET = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
 _ACTIVE = _common.config(_CONFIGS, _DEFAULT, _INTERPRET)
 
-_kernel = triton.autotune(configs=_ACTIVE, key=["M", "K", "COMPUTE_GRAD", "HAS_NOISE"], reset_to_zero=["dw_part_ptr"])(
-    _denoise_loss_fwd_kernel
-)
+
+
+def autotuned(configs: list[triton.Config], **autotune_options):
+    """The loss kernel autotuned over ``configs``. Every buffer it writes partial sums into is
+    zeroed before each timed config and again before the real launch (triton >= 3.6 resets
+    ``reset_to_zero`` after timing): a cell that the winning config's grid does not write
+    would otherwise keep what a config timed before it wrote, and the first call of every new
+    shape would return a wrong loss."""
+    return triton.autotune(
+        configs=configs,
+        key=["M", "K", "COMPUTE_GRAD", "HAS_NOISE"],
+        reset_to_zero=["loss_part_ptr", "dw_part_ptr", "db_part_ptr"],
+        **autotune_options,
+    )(_denoise_loss_fwd_kernel)
+
+
+_kernel = autotuned(_ACTIVE)
 
 # Upper bound of the partial dW_d buffers (groups x K x K floats) beyond one group's K x K.
 _PARTIAL_BYTES = 256 * 2**20
