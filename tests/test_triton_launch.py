@@ -79,9 +79,9 @@ def _specialization(seed: int, M: int):
     x = torch.empty(64, 64)
     args = dict(
         x_ptr=x, wd_ptr=x, bd_ptr=x, noise_ptr=x, loss_part_ptr=x, dw_part_ptr=x, db_part_ptr=x,
-        M=M, K=64, seed=seed, a_hi=0.5, a_lo=0.0, s_hi=0.5, s_lo=0.0,
+        M=M, K=64, seed=seed, seed_ptr=x, a_hi=0.5, a_lo=0.0, s_hi=0.5, s_lo=0.0,
         stride_xm=64, stride_xk=1, stride_wn=64, stride_wk=1, stride_b=1, stride_em=64, stride_ek=1,
-        loss_part_stride=2, HAS_BIAS=True, HAS_NOISE=False, COMPUTE_GRAD=True, DTYPE=triton.language.float32,
+        loss_part_stride=2, HAS_BIAS=True, HAS_NOISE=False, COMPUTE_GRAD=True, SEED_FROM_PTR=False, DTYPE=triton.language.float32,
         INPUT_PRECISION="ieee", BLOCK_M=32, BLOCK_N=32, BLOCK_K=32,
     )
     _, specialization, _ = binder(**args)
@@ -127,3 +127,18 @@ def test_column_offsets_past_2_31_elements():
     _, w, b, _ = _inputs(M, K)
     got = tdl._denoise_loss(x, w, b, A, S, eps, torch.tensor(0), True, tdl._denoise_loss_fwd_kernel, [BIG], BIG.kwargs)
     _check(got, vals_x.float(), w, b, vals_e.float())
+
+
+def test_a_seed_read_by_the_kernel_equals_the_seed_passed_by_value():
+    # The capture-safe path (the seed tensor on x's device, loaded in the kernel) draws exactly
+    # the noise of the host path (the seed passed as an int), for seeds of any width.
+    x, w, b, _ = _inputs(37, 40)
+    for seed in (3, 2**40 + 3, 2**62 + 1):
+        by_value = tdl._denoise_loss(x, w, b, A, S, None, seed, True, tdl._denoise_loss_fwd_kernel, [BIG], BIG.kwargs)
+        in_kernel = tdl._denoise_loss(
+            x, w, b, A, S, None, torch.tensor(seed, device=DEVICE), True, tdl._denoise_loss_fwd_kernel, [BIG], BIG.kwargs
+        )
+        for name, p, q in zip(("loss", "dL/dW_d", "dL/db_d"), by_value, in_kernel):
+            assert torch.equal(p, q), f"{name} differs for seed {seed}"
+    other = tdl._denoise_loss(x, w, b, A, S, None, 4, True, tdl._denoise_loss_fwd_kernel, [BIG], BIG.kwargs)
+    assert not torch.equal(other[0], by_value[0])  # the seed is really used

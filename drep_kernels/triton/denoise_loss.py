@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import rng
 from . import _common
 from ._common import join_scalar
 
@@ -93,13 +94,17 @@ _DATA_ARGS = ("seed", "M")
 def _denoise_loss_fwd_kernel(
     x_ptr, wd_ptr, bd_ptr, noise_ptr,
     loss_part_ptr, dw_part_ptr, db_part_ptr,
-    M, K, seed: tl.int64, a_hi, a_lo, s_hi, s_lo,
+    M, K, seed: tl.int64, seed_ptr, a_hi, a_lo, s_hi, s_lo,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_em, stride_ek,
     loss_part_stride,
-    HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
     DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    if SEED_FROM_PTR:
+        # A seed drawn on the device: read here, never on the host, so a captured CUDA graph
+        # replays the draw (a new seed every replay), not one frozen value.
+        seed = tl.load(seed_ptr)
     # L1: p = (a x + s eps) W_d^T + b_d, D = p - eps, partial sums of |D| and D^2.
     # L2 (COMPUTE_GRAD): partial sums of G~ = sign D + 2 D over rows (db_d) and of G~^T x_noisy (dW_d).
     pid_s = tl.program_id(0)
@@ -238,7 +243,8 @@ def denoise_loss_fwd(
 
     x: (M, K) float16/bfloat16/float32/float64, any strides; denoise_weight: (K, K);
     denoise_bias: (K,) or None; noise: (M, K) or None (any float dtype, any strides); seed: 0-d
-    int64 CPU tensor, read on the host. Computed in float32 (float64 for float64 inputs).
+    int64 tensor, read by the kernel when it is on x's device (capture-safe), else on the host.
+    Computed in float32 (float64 for float64 inputs).
     Returns loss (0-d), grad_weight (K, K), grad_bias (K,) in the compute dtype; the gradients
     are empty when ``compute_grad`` is False (grad_bias also without a bias).
     """
@@ -247,7 +253,8 @@ def denoise_loss_fwd(
 
 def _denoise_loss(x, denoise_weight, denoise_bias, a, s, noise, seed, compute_grad, kernel, configs, meta=None):
     """denoise_loss_fwd with ``kernel`` autotuned over ``configs``, or (tests) the plain
-    kernel with one config's block sizes in ``meta``: the buffers are sized for the smallest."""
+    kernel with one config's block sizes in ``meta``: the buffers are sized for the smallest.
+    ``seed`` may also be a Python int (tests: the host-side path on any device)."""
     _common.check_device(x, denoise_weight, denoise_bias, noise)
     cdt = _common.compute_dtype(x.dtype)
     M, K = x.shape
@@ -281,14 +288,19 @@ def _denoise_loss(x, denoise_weight, denoise_bias, a, s, noise, seed, compute_gr
     s_hi, s_lo = _common.split_scalar(s)
     bias = denoise_bias if has_bias else denoise_weight  # placeholder pointer, never read
     eps = noise if noise is not None else x
+    seed_from_ptr = noise is None and isinstance(seed, Tensor) and seed.device == x.device
+    if noise is not None or seed_from_ptr:
+        seed_value = 0
+    else:
+        seed_value = seed if isinstance(seed, int) else rng.seed_from_tensor(seed)
     kernel[grid](
         x, denoise_weight, bias, eps,
         loss_part, dw_part, db_part,
-        M, K, int(seed) if noise is None else 0, a_hi, a_lo, s_hi, s_lo,
+        M, K, seed_value, seed if seed_from_ptr else x, a_hi, a_lo, s_hi, s_lo,
         x.stride(0), x.stride(1), denoise_weight.stride(0), denoise_weight.stride(1),
         denoise_bias.stride(0) if has_bias else 0, eps.stride(0), eps.stride(1),
         cols,
-        HAS_BIAS=has_bias, HAS_NOISE=noise is not None, COMPUTE_GRAD=compute_grad,
+        HAS_BIAS=has_bias, HAS_NOISE=noise is not None, COMPUTE_GRAD=compute_grad, SEED_FROM_PTR=seed_from_ptr,
         DTYPE=tl.float64 if cdt == torch.float64 else tl.float32,
         INPUT_PRECISION=_common.input_precision(cdt),
         **(meta or {}),
