@@ -5,16 +5,19 @@
 #
 # 1. checks that torch sees a CUDA GPU (exits 2 at once, with a message, when it does not);
 # 2. builds drep_kernels._C with ninja for this card's architecture only;
-# 3. runs the GPU tests (pytest -m gpu tests/);
+# 3. runs the fast GPU tests (pytest -m "gpu and not slow" tests/: every kernel, dtype and path
+#    once against the torch backend, about a minute);
 # 4. runs the GPU sweep (pytest benchmarks/ --drep-sizes=full) in three tiers, each with its
 #    own JSON and time budget: uncompiled contenders, torch.compile, max-autotune;
-# 5. writes OUTDIR/report.md and OUTDIR/speedup.png and prints the summary table last.
+# 5. writes OUTDIR/report.md and OUTDIR/speedup.png;
+# 6. runs the slow GPU tests (-m "gpu and slow": 2^32 elements, torch.compile) with the time
+#    that is left, and prints the summary table last.
 #
 # The whole run stays under DREP_GPU_BUDGET_S seconds (default 450; with the kill grace
 # periods under 8 minutes): every step runs under `timeout` bounded by the time left, and the
 # sweep skips the cases that would start after its budget.
-# OUTDIR receives at most 6 files: run.log, bench-{plain,compile,autotune}.json, report.md,
-# speedup.png. Exit status: 0 when everything ran; 1 when the build, the tests or a tier
+# OUTDIR receives at most 7 files: run.log, tests-{fast,slow}.log, bench-{plain,compile,autotune}.json,
+# report.md, speedup.png (run.log holds the rest). Exit status: 0 when everything ran; 1 when the build, the tests or a tier
 # failed (the rest still runs); 2 when there is no GPU or no OUTDIR.
 set -uo pipefail
 
@@ -81,26 +84,32 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)} FORCE_CUDA=${FORCE_CUDA:-1}
 if timeout -k 10 "$(( $(left) < 240 ? $(left) : 240 ))" \
         "$PY" setup.py build_ext --inplace >>"$LOG" 2>&1; then
     say "built drep_kernels._C"
-    export DREP_REQUIRE_EXTENSION=1  # from here on a missing _C is an error, not a skip
 else
     note_failure "build of drep_kernels._C (see run.log); benchmarking the backends that import"
 fi
 "$PY" -m drep_kernels.env 2>&1 | tee -a "$LOG"
 
-# 3. GPU tests.
-TEST_S=$(( $(left) - 240 < 120 ? $(left) - 240 : 120 ))
-if [ "$TEST_S" -gt 20 ]; then
-    timeout -k 10 "$TEST_S" "$PY" -m pytest -m gpu tests/ -q -p no:cacheprovider >>"$LOG" 2>&1
-    rc=$?
+# 3. The fast GPU tests: every kernel, dtype and path once, right after the build, so that a
+#    broken kernel shows even if the sweep eats the rest of the time.
+gpu_tests() {  # tier name, marker expression, seconds
+    local name=$1 expr=$2 secs=$3
+    if [ "$secs" -lt 20 ]; then
+        note_failure "no time left for the $name GPU tests"
+        return
+    fi
+    say "GPU tests ($name, -m \"$expr\"): up to ${secs}s"
+    timeout -k 10 "$secs" "$PY" -m pytest -m "$expr" tests/ -q -p no:cacheprovider -rfE \
+        >"$OUT/tests-$name.log" 2>&1
+    local rc=$?
+    tail -n 3 "$OUT/tests-$name.log" | tee -a "$LOG"
     case $rc in
-        0) say "GPU tests passed" ;;
-        5) say "no test is marked gpu: nothing to run" ;;
-        124|137) note_failure "GPU tests ran past ${TEST_S}s" ;;
-        *) note_failure "GPU tests (pytest exit $rc; see run.log)" ;;
+        0) say "GPU tests ($name) passed" ;;
+        5) say "no test selected for the $name tier" ;;
+        124|137) note_failure "GPU tests ($name) ran past ${secs}s (see tests-$name.log)" ;;
+        *) note_failure "GPU tests ($name): pytest exit $rc (see tests-$name.log)" ;;
     esac
-else
-    note_failure "no time left for the GPU tests"
-fi
+}
+gpu_tests fast "gpu and not slow" $(( $(left) - 240 < 120 ? $(left) - 240 : 120 ))
 
 # 4. The sweep, in tiers; each tier's pytest skips the cases that would start after its
 #    budget, and `timeout` stops it 60 s later (a case can be a long compile) as a last resort.
@@ -129,8 +138,9 @@ tier plain 70 "not compile"
 tier compile 75 "compile and not max"
 tier autotune 90 "max"
 
-# 5. The report: markdown and PNG into OUTDIR; the summary table printed last (the whole
-#    report is OUTDIR/report.md).
+# 5. The report: markdown and PNG into OUTDIR, written before the slow tests so that they
+#    cannot cost the sweep's results; the summary table is printed last (the whole report is
+#    OUTDIR/report.md).
 JSONS=$(ls "$OUT"/bench-*.json 2>/dev/null)
 if [ -z "$JSONS" ]; then
     note_failure "no benchmark JSON was written"
@@ -142,6 +152,10 @@ SUMMARY=$(mktemp)
 timeout -k 5 45 "$PY" -m benchmarks.report $JSONS --out "$OUT" --print summary \
     --title "drep-kernels on $NAME" >"$SUMMARY" 2>>"$LOG" || note_failure "report (see run.log)"
 cat "$SUMMARY" >>"$LOG"
+
+# 6. The slow GPU tests with the time that is left (10 s kept for the kill grace).
+gpu_tests slow "gpu and slow" $(( $(left) - 10 ))
+
 say "finished in $((SECONDS - START))s; files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 for n in "${NOTES[@]}"; do echo "NOTE: $n"; done
 cat "$SUMMARY"
