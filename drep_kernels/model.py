@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .nn import DenoiseConv2d, DenoiseLinear
+from .nn._denoise import FUSED
 from .schedule import Schedule
 
 DENOISE_TYPES: tuple[type, ...] = (DenoiseLinear, DenoiseConv2d)
@@ -23,6 +24,20 @@ _PHASES = ("denoiser", "backbone", "joint")
 
 def _denoise_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, DENOISE_TYPES)]
+
+
+def _required_denoise_layers(model: nn.Module, caller: str) -> list[tuple[str, nn.Module]]:
+    """The model's denoising layers; raises when there are none, since every caller would
+    otherwise do nothing in silence (a forgotten convert trains without any denoising)."""
+    layers = _denoise_layers(model)
+    if layers:
+        return layers
+    if any(getattr(m, FUSED, False) for m in model.modules()):
+        raise ValueError(
+            f"{caller}: the model has been fused (drep_kernels.fuse) and has no denoising layers left; "
+            f"call {caller} before fusing, or drep_kernels.convert(model) to denoise it again"
+        )
+    raise ValueError(f"{caller}: model has no denoising layers; call drep_kernels.convert(model) first")
 
 
 def _excluded(name: str, module: nn.Module, exclude) -> bool:
@@ -172,10 +187,14 @@ def denoise_loss(model: nn.Module) -> Tensor:
 
     Add ``lambda * denoise_loss(model)`` (the authors use lambda = 0.01) to the task loss.
     The sum is 0-d, in the layers' loss dtype (float32; float64 for float64 layers). Returns a
-    0-d float32 zero when no loss was produced (eval, no_grad, backbone phase).
+    0-d float32 zero when the layers produced no loss (eval, no_grad, backbone phase).
+
+    Raises:
+        ValueError: the model has no denoising layers: it was never converted
+            (``drep_kernels.convert``) or it has been fused.
     """
     losses = []
-    for _, layer in _denoise_layers(model):
+    for _, layer in _required_denoise_layers(model, "denoise_loss"):
         loss = layer.take_loss()
         if loss is not None:
             losses.append(loss)
@@ -192,12 +211,15 @@ def set_phase(model: nn.Module, phase: str) -> nn.Module:
     - ``"denoiser"``: only the denoisers train (label-free: the loss alone reaches them).
     - ``"backbone"``: denoisers frozen; everything else trains through (W', b').
     - ``"joint"``: both.
+
+    Raises:
+        ValueError: an unknown phase, or a model without denoising layers (never converted,
+            or fused).
     """
     if phase not in _PHASES:
         raise ValueError(f"phase must be one of {_PHASES}, got {phase!r}")
-    denoiser_ids = {id(p) for _, m in _denoise_layers(model) for p in m.denoiser_parameters()}
-    if not denoiser_ids:
-        raise ValueError("model has no denoising layers; call drep_kernels.convert(model) first")
+    layers = _required_denoise_layers(model, "set_phase")
+    denoiser_ids = {id(p) for _, m in layers for p in m.denoiser_parameters()}
     for p in model.parameters():
         is_denoiser = id(p) in denoiser_ids
         p.requires_grad_(phase == "joint" or (phase == "denoiser") == is_denoiser)
@@ -242,9 +264,7 @@ def load_reference_state_dict(module_or_model: nn.Module, state_dict: Mapping[st
     b_d <- dm.bias + dm.weight e_t (docs/method.md, section 5, T1). Other keys are loaded
     as they are; the load is strict.
     """
-    layers = _denoise_layers(module_or_model)
-    if not layers:
-        raise ValueError("no denoising layers to load into; convert the model first")
+    layers = _required_denoise_layers(module_or_model, "load_reference_state_dict")
     out: dict[str, Tensor] = dict(state_dict)
     for name, layer in layers:
         prefix = f"{name}." if name else ""

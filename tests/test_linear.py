@@ -11,6 +11,11 @@ import torch.nn.functional as F
 import oracle
 from conftest import assert_close
 from drep_kernels import DenoiseLinear, Schedule, rng
+from drep_kernels.backends import NAMES, implements
+
+# Every backend whose merge runs on CPU tensors here: torch, the C++ kernels, and Triton under
+# its interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU).
+MERGE_BACKENDS = [b for b in NAMES if implements(b, "merge_weights", "cpu")]
 
 
 def _layer(k=6, out=4, bias=True, t=3, init="linear", dtype=torch.float64, **kw):
@@ -62,6 +67,11 @@ def test_forward_equals_denoise_then_layer_in_train_and_eval(bias):
     assert_close(linear(x), want, 1e-12, 1e-12, "to_linear output")
 
 
+def _oracle_merge(layer):
+    co = layer.coefficients
+    return oracle.merge(layer.weight, layer.bias, layer.denoise_weight, layer.denoise_bias, co.c1, co.c3)
+
+
 def test_merge_is_cached_until_a_parameter_changes():
     layer = _layer().eval()
     with torch.no_grad():
@@ -69,8 +79,51 @@ def test_merge_is_cached_until_a_parameter_changes():
         w2, _ = layer.merged_weight_and_bias()
         assert w1 is w2
         layer.denoise_weight.add_(0.1)
-        w3, _ = layer.merged_weight_and_bias()
-    assert w3 is not w1 and not torch.equal(w3, w1)
+        w3, b3 = layer.merged_weight_and_bias()
+        want_w, want_b = _oracle_merge(layer)
+    assert_close(w3, want_w, 1e-12, 1e-14, "W' after the change")
+    assert_close(b3, want_b, 1e-12, 1e-14, "b' after the change")
+
+
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_merge_cache_follows_grad_mode(no_grad):
+    # A merge made without autograd must not be reused by the next training forward: W would
+    # then get no gradient at all.
+    layer = _layer().train()
+    for p in layer.denoiser_parameters():
+        p.requires_grad_(False)  # backbone phase: the task gradient only, through M1/M2
+    x = torch.randn(3, 6, dtype=torch.float64)
+    with no_grad():
+        layer(x)
+    layer(x).sum().backward()
+    assert layer.weight.grad is not None, "the training forward reused a merge made without autograd"
+    w, b = (p.detach().clone().requires_grad_(True) for p in (layer.weight, layer.bias))
+    co = layer.coefficients
+    want = torch.autograd.grad(
+        oracle.two_step(x, w, b, layer.denoise_weight, layer.denoise_bias, co.c1, co.c3).sum(), [w, b]
+    )
+    assert_close(layer.weight.grad, want[0], 1e-12, 1e-13, "dW")
+    assert_close(layer.bias.grad, want[1], 1e-12, 1e-13, "db")
+
+
+@pytest.mark.parametrize("backend", MERGE_BACKENDS)
+def test_label_augmented_denoise_bias_alone_gets_its_merge_gradient(backend, monkeypatch):
+    # W_d frozen, b_d trainable: the merge's backward must still compute db_d (M5), not only
+    # when dW_d is asked for too.
+    monkeypatch.setenv("DREP_BACKEND", backend)
+    layer = _layer(k=5, out=7, label_augmented=True).eval()  # eval: the task gradient alone
+    layer.weight.requires_grad_(False)
+    layer.bias.requires_grad_(False)
+    layer.denoise_weight.requires_grad_(False)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    g = torch.randn(4, 7, dtype=torch.float64)
+    (layer(x) * g).sum().backward()
+    b_d = layer.denoise_bias.detach().clone().requires_grad_(True)
+    co = layer.coefficients
+    mw, mb = oracle.merge(layer.weight, layer.bias, layer.denoise_weight, b_d, co.c1, co.c3)
+    want = torch.autograd.grad((F.linear(x, mw, mb) * g).sum(), b_d)[0]
+    assert layer.denoise_weight.grad is None
+    assert_close(layer.denoise_bias.grad, want, 1e-12, 1e-13, f"db_d ({backend})")
 
 
 def _joint_step_grads(layer, x, lam):
@@ -106,11 +159,17 @@ def test_backbone_phase_computes_no_loss():
     layer = _layer().train()
     for p in layer.denoiser_parameters():
         p.requires_grad_(False)
-    y = layer(torch.randn(2, 6, dtype=torch.float64))
+    x = torch.randn(2, 6, dtype=torch.float64)
+    y = layer(x)
     assert layer._stash is None
     assert drep_kernels.denoise_loss(layer).item() == 0.0
     y.sum().backward()
-    assert layer.weight.grad is not None
+    w = layer.weight.detach().clone().requires_grad_(True)
+    co = layer.coefficients
+    want = torch.autograd.grad(
+        oracle.two_step(x, w, layer.bias.detach(), layer.denoise_weight, layer.denoise_bias, co.c1, co.c3).sum(), w
+    )[0]
+    assert_close(layer.weight.grad, want, 1e-12, 1e-13, "dW")
 
 
 def test_gradient_accumulation_reuses_the_cached_merge():
@@ -171,16 +230,28 @@ def test_stale_losses_are_dropped_with_a_warning():
     assert torch.equal(only_new, drep_kernels.denoise_loss(layer))  # one loss, not two
 
 
-def test_denoise_loss_hands_over_and_clears():
+def test_unread_losses_are_summed_and_handed_over_once():
     import drep_kernels
 
-    layer = _layer(dtype=torch.float32).train()
-    x = torch.randn(4, 6)
-    layer(x)
-    layer(x)
-    total = drep_kernels.denoise_loss(layer)
-    assert total.requires_grad and total.item() > 0
-    assert drep_kernels.denoise_loss(layer).item() == 0.0
+    layer = _layer().train()
+    x1, x2 = torch.randn(4, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+
+    def loss_of(*forwards):
+        # One explicit seed per forward: the layer draws its noise seed from torch's generator.
+        for seed, x in forwards:
+            torch.manual_seed(seed)
+            layer(x)
+        loss = drep_kernels.denoise_loss(layer)
+        grads = torch.autograd.grad(loss, layer.denoiser_parameters())
+        return loss, grads
+
+    total, total_grads = loss_of((1, x1), (2, x2))
+    assert drep_kernels.denoise_loss(layer).item() == 0.0  # handed over once, then cleared
+    first, first_grads = loss_of((1, x1))
+    second, second_grads = loss_of((2, x2))
+    assert_close(total, first + second, 1e-14, 0.0, "summed loss")
+    for name, got, a, b in zip(("dW_d", "db_d"), total_grads, first_grads, second_grads):
+        assert_close(got, a + b, 1e-13, 1e-15, f"summed {name}")
 
 
 def test_state_dict_round_trip_and_t_reload():

@@ -1,4 +1,5 @@
 """Model-level recipe: convert/numbering, phases, fuse, state dicts, the authors' checkpoints."""
+import contextlib
 import copy
 import math
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 import drep_kernels as dk
 import oracle
 from conftest import assert_close
+from drep_kernels import rng
 
 
 class Block(nn.Module):
@@ -36,6 +38,53 @@ class Net(nn.Module):
 def _net(dtype=torch.float64, **kw):
     torch.manual_seed(0)
     return Net(**kw).to(dtype)
+
+
+def _layers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, dk.model.DENOISE_TYPES)]
+
+
+@contextlib.contextmanager
+def _recording(model):
+    """Collects (layer, its input) of the denoising layers, in the order the forwards call them."""
+    calls = []
+    record = lambda m, inp: calls.append((m, inp[0].detach()))  # noqa: E731
+    hooks = [m.register_forward_pre_hook(record) for _, m in _layers(model)]
+    try:
+        yield calls
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _oracle_losses(calls, seed):
+    """The summed L1 loss of the recorded calls in float64 and each layer's (dL/dW_d, dL/db_d)
+    (L2, by autograd), with the noise the layers drew after torch.manual_seed(seed): one seed
+    per call, in call order."""
+    torch.manual_seed(seed)
+    total, grads = 0.0, {}
+    for layer, x in calls:
+        rows = x.reshape(-1, x.shape[-1])
+        eps = rng.normal(int(rng.draw_seed()), rows.shape[0], rows.shape[1]).double()
+        co = layer.coefficients
+        loss, g_w, g_b = oracle.denoise_loss_grads(rows, layer.denoise_weight, layer.denoise_bias, co.a, co.s, eps)
+        total = total + loss
+        grads[layer] = (g_w, g_b)  # each layer is called once in these tests
+    return total, grads
+
+
+def _backbone_grads_through_the_merge(model, x, objective):
+    """d objective(model(x)) / d(W, b) of every layer by autograd of M1/M2 (oracle.merge), in a
+    plain Net whose every Linear holds its merged weights (the denoisers frozen)."""
+    leaves, merged = {}, {}
+    for name, m in _layers(model):
+        w, b = (p.detach().clone().requires_grad_(True) for p in (m.weight, m.bias))
+        co = m.coefficients
+        mw, mb = oracle.merge(w, b, m.denoise_weight.detach(), m.denoise_bias.detach(), co.c1, co.c3)
+        leaves |= {f"{name}.weight": w, f"{name}.bias": b}
+        merged |= {f"{name}.weight": mw, f"{name}.bias": mb}
+    out = torch.func.functional_call(_net(), merged, (x,))
+    return dict(zip(leaves, torch.autograd.grad(objective(out), list(leaves.values()))))
 
 
 def test_global_numbering_over_sibling_blocks():
@@ -112,11 +161,34 @@ def test_leaves_layers_it_cannot_denoise(caplog):
         assert_close(dk.fuse(model)(x), before, 1e-6, 1e-6, "fused vs converted")
 
 
-def test_denoise_loss_keeps_float64():
-    model = dk.convert(Net().double(), init="linear")
-    model(torch.randn(4, 8, dtype=torch.float64))
+def test_denoise_loss_is_the_float64_sum_of_the_layers_losses():
+    model = dk.convert(_net(), init="linear").train()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    with _recording(model) as calls:
+        torch.manual_seed(7)
+        model(x)
     loss = dk.denoise_loss(model)
-    assert loss.dtype == torch.float64 and loss.item() > 0
+    want, _ = _oracle_losses(calls, 7)
+    assert loss.dtype == torch.float64 and len(calls) == 7
+    # The backends regenerate eps in float32 (their log / cos may round unlike torch's):
+    # compare at the float32 level of the noise.
+    assert_close(loss, want, 1e-6, 1e-9, "model loss")
+
+
+def test_denoise_loss_refuses_a_model_without_denoising_layers():
+    # A forgotten convert must not train silently without denoising.
+    with pytest.raises(ValueError, match=r"denoise_loss: model has no denoising layers; call drep_kernels\.convert"):
+        dk.denoise_loss(_net())
+    model = dk.convert(_net()).eval()
+    model(torch.randn(2, 8, dtype=torch.float64))
+    zero = dk.denoise_loss(model)  # converted, but eval made no loss: a zero, legitimately
+    assert zero.shape == () and zero.item() == 0.0 and not zero.requires_grad
+    dk.fuse(model)
+    for fn in (dk.denoise_loss, lambda m: dk.set_phase(m, "joint")):
+        with pytest.raises(ValueError, match="has been fused"):
+            fn(model)
+    with pytest.raises(ValueError, match="has been fused"):
+        dk.denoise_loss(dk.fuse(dk.DenoiseLinear(3, 2, t=1)))  # a bare layer, fused
 
 
 def test_refuses_double_conversion_and_too_many_layers():
@@ -158,20 +230,34 @@ def test_set_phase_by_module_type():
 
 
 def test_phases_route_the_losses():
-    model = dk.convert(_net(dtype=torch.float32), init="linear").train()
-    x = torch.randn(4, 8)
+    model = dk.convert(_net(), init="linear").train()
+    x = torch.randn(4, 8, dtype=torch.float64)
     dk.set_phase(model, "denoiser")
-    task = model(x).square().mean()
+    with _recording(model) as calls:
+        torch.manual_seed(3)
+        task = model(x).square().mean()
     loss = dk.denoise_loss(model)
-    assert loss.item() > 0
+    want_loss, want_grads = _oracle_losses(calls, 3)
+    assert_close(loss, want_loss, 1e-6, 1e-9, "denoising loss")
     (task + 0.01 * loss).backward()
-    layer = model.blocks[0].fc1
-    assert layer.denoise_weight.grad is not None and layer.weight.grad is None
-    model.zero_grad()
+    for name, layer in _layers(model):
+        # Label-free: the loss alone reaches the denoiser, and nothing reaches the frozen backbone.
+        # eps at float32 level: its rounding reaches a gradient element through terms of the
+        # tensor's scale, which may cancel, hence an atol relative to that scale.
+        got = (layer.denoise_weight.grad, layer.denoise_bias.grad)
+        for what, grad, g in zip(("dW_d", "db_d"), got, want_grads[layer]):
+            assert_close(grad, 0.01 * g, 1e-6, 1e-6 * 0.01 * float(g.abs().max()), f"{name} {what}")
+        assert layer.weight.grad is None and layer.bias.grad is None
+    model.zero_grad(set_to_none=True)
     dk.set_phase(model, "backbone")
-    model(x).square().mean().backward()
+    objective = lambda out: out.square().mean()  # noqa: E731
+    objective(model(x)).backward()
     assert dk.denoise_loss(model).item() == 0.0  # not computed in the backbone phase
-    assert layer.weight.grad is not None and layer.denoise_weight.grad is None
+    want = _backbone_grads_through_the_merge(model, x, objective)
+    for name, layer in _layers(model):
+        assert_close(layer.weight.grad, want[f"{name}.weight"], 1e-10, 1e-13, f"{name} dW")
+        assert_close(layer.bias.grad, want[f"{name}.bias"], 1e-10, 1e-13, f"{name} db")
+        assert layer.denoise_weight.grad is None and layer.denoise_bias.grad is None
 
 
 def test_fuse_equals_unfused_and_restores_the_architecture():
@@ -285,3 +371,88 @@ def test_load_reference_checkpoint_errors():
     no_bias = dk.DenoiseLinear(6, 3, bias=False, t=4)
     with pytest.raises(ValueError, match="has no bias"):
         dk.load_reference_state_dict(no_bias, _reference_layer_checkpoint(6, 4, 0))
+
+
+# --- plain checkpoints: the pretrained model's state dict, loaded after converting ----------
+
+def _mlp():
+    return nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 4)).double()
+
+
+def _conv_net():
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, bias=False), nn.Flatten(),
+        nn.Linear(5 * 4 * 4, 3),
+    ).double()
+
+
+PLAIN_MODELS = [
+    pytest.param(_mlp, (nn.Linear,), (3, 6), id="mlp"),
+    pytest.param(_conv_net, (nn.Linear, nn.Conv2d), (2, 3, 6, 6), id="convnet"),
+]
+
+
+def _zero_denoiser_merge(layer):
+    """(W', b') of a layer whose denoiser is zero: M1/M2 give (c3 W, b) for a Linear, C1/C2
+    give (c3 W, c3 b) for a Conv2d (it denoises its output, bias included)."""
+    c3 = layer.coefficients.c3
+    b = layer.bias
+    if b is not None and isinstance(layer, dk.DenoiseConv2d):
+        b = c3 * b
+    return c3 * layer.weight, b
+
+
+@pytest.mark.parametrize("make,include,x_shape", PLAIN_MODELS)
+def test_plain_checkpoint_loads_into_a_converted_model(make, include, x_shape):
+    torch.manual_seed(0)
+    pretrained = make()
+    torch.manual_seed(1)  # other weights: the load must replace them
+    model = dk.convert(make(), include=include)
+    steps = dk.timesteps(model)
+    result = model.load_state_dict(pretrained.state_dict(), strict=True)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert dk.timesteps(model) == steps
+    for name, layer in _layers(model):
+        assert int(layer.t) == steps[name] and layer.coefficients == layer.schedule.coefficients(steps[name])
+        assert not layer.denoise_weight.any() and (layer.denoise_bias is None or not layer.denoise_bias.any())
+    x = torch.randn(*x_shape, dtype=torch.float64)
+    with torch.no_grad():
+        got, want = model.eval()(x), pretrained(x)
+        # A zero denoiser scales W by c3 (within 0.1% of 1 for these t): the pretrained function.
+        assert_close(got, want, 3e-3, 1e-6, "converted vs pretrained")
+        plain_merged = {}
+        for name, layer in _layers(model):
+            w, b = _zero_denoiser_merge(layer)
+            plain_merged[f"{name}.weight"] = w
+            if b is not None:
+                plain_merged[f"{name}.bias"] = b
+        exact = torch.func.functional_call(pretrained, plain_merged, (x,))
+    assert_close(got, exact, 1e-12, 1e-13, "converted vs the analytic merge")
+
+
+def test_plain_checkpoint_keeps_the_denoiser():
+    torch.manual_seed(0)
+    pretrained = _mlp()
+    model = dk.convert(_mlp(), init="linear")
+    denoiser_keys = {"denoise_weight", "denoise_bias", "t"}
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.rsplit(".", 1)[1] in denoiser_keys}
+    assert len(before) == 6
+    model.load_state_dict(pretrained.state_dict(), strict=True)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert all(torch.equal(after[k], v) for k, v in pretrained.state_dict().items())
+
+
+@pytest.mark.parametrize("drop", ["0.t", "2.denoise_weight", "2.denoise_bias"])
+def test_partial_denoiser_state_is_an_error_that_says_what_to_do(drop):
+    converted = dk.convert(_mlp(), init="linear")
+    sd = converted.state_dict()
+    del sd[drop]
+    layer = drop.split(".")[0]
+    target = dk.convert(_mlp())
+    before = {k: v.clone() for k, v in target.state_dict().items() if k.startswith(layer + ".")}
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=rf"but not {drop}\. Give all of the denoiser's keys .* or none of them"):
+            target.load_state_dict(sd, strict=strict)
+    # Nothing of that layer was loaded: no denoiser paired with another step's t.
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in before.items())

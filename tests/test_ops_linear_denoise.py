@@ -43,15 +43,26 @@ def test_label_free_denoiser_gets_only_the_loss_gradient():
     only_task = torch.autograd.grad(y.sum(), [wd, bd], allow_unused=True)
     assert only_task == (None, None)
     y, loss = ops.linear_denoise(x, w, b, wd, bd, CO, noise=eps, label_augmented=True)
-    g_wd, g_bd = torch.autograd.grad(y.sum(), [wd, bd])
-    assert g_wd.abs().sum() > 0 and g_bd.abs().sum() > 0
+    got = torch.autograd.grad(y.sum(), [wd, bd])
+    # Label-augmented: the task gradient through the merge, M4 / M5.
+    want = torch.autograd.grad(F.linear(x, *oracle.merge(w, b, wd, bd, CO.c1, CO.c3)).sum(), [wd, bd])
+    assert_close(got[0], want[0], 1e-12, 1e-12, "dW_d")
+    assert_close(got[1], want[1], 1e-12, 1e-12, "db_d")
 
 
-def test_reuses_given_merged_weights():
+def test_reuses_given_merged_weights(monkeypatch):
+    from drep_kernels.backends import reference
+
+    monkeypatch.setenv("DREP_BACKEND", "torch")
     x, w, b, wd, bd, eps = _setup()
     mw, mb = ops.merge_weights(w, b, wd.detach(), bd.detach(), CO.c1, CO.c3)
+    merges = []
+    real = reference.merge_weights_fwd
+    monkeypatch.setattr(reference, "merge_weights_fwd", lambda *a: merges.append(1) or real(*a))
     y1, l1 = ops.linear_denoise(x, w, b, wd, bd, CO, noise=eps, merged=(mw, mb))
+    assert merges == [], "merged weights were given: the op must not merge again"
     y2, l2 = ops.linear_denoise(x, w, b, wd, bd, CO, noise=eps)
+    assert merges == [1]
     assert torch.equal(y1, y2) and torch.equal(l1, l2)
 
 

@@ -16,6 +16,11 @@ from ..schedule import Coefficients, Schedule
 
 _INITS = ("zeros", "linear")
 
+# Set to True on every plain layer ``to_plain`` makes, so that ``drep_kernels.denoise_loss``
+# and ``set_phase`` can tell a fused model (which has no denoisers left to train) from one that
+# was never converted, and say which.
+FUSED = "_drep_fused"
+
 
 def autocast_off(device: torch.device):
     """A context without autocast on ``device``: the ops then compute in the dtype they specify
@@ -89,8 +94,38 @@ class DenoiseLayerMixin:
         self.coefficients: Coefficients = self.schedule.coefficients(t)  # validates t
         self._t = t
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _denoiser_state_keys(self) -> list[str]:
+        """The state-dict keys this layer adds to the plain torch layer's."""
+        return ["denoise_weight"] + (["denoise_bias"] if self.denoise_bias is not None else []) + ["t"]
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        own = self._denoiser_state_keys()
+        present = [k for k in own if prefix + k in state_dict]
+        # A plain layer's checkpoint (the pretrained model before convert): its weight and bias
+        # load, the denoiser and t stay as they are, and strict loading passes.
+        plain = not present and prefix + "weight" in state_dict
+        if present and len(present) < len(own):
+            # Half a denoiser (say W_d without its t) is no checkpoint of anything. Torch passes
+            # strict=True here whatever the caller's strict, so this is an error either way, and
+            # nothing of this layer is loaded (no W_d paired with another step's coefficients).
+            absent = [prefix + k for k in own if k not in present]
+            error_msgs.append(
+                f"{type(self).__name__} {prefix[:-1] or '(the module itself)'}: the state dict has "
+                f"{', '.join(prefix + k for k in present)} but not {', '.join(absent)}. Give all of the "
+                "denoiser's keys (a converted model's checkpoint) or none of them (a plain model's: the "
+                "denoiser and t then stay as they are); the authors' checkpoints load with "
+                "drep_kernels.load_reference_state_dict."
+            )
+            return
+        n_missing = len(missing_keys)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if plain:
+            skipped = {prefix + k for k in own}
+            missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k not in skipped]
         if prefix + "t" in state_dict:  # keep the Python-side coefficients in step with the buffer
             self._set_t(self.t)
         self._merge_cache = None
@@ -152,6 +187,7 @@ class DenoiseLayerMixin:
             if b is not None:
                 plain.bias.copy_(b)
         plain.train(self.training)
+        setattr(plain, FUSED, True)
         return plain
 
     # -- losses ---------------------------------------------------------------------------
