@@ -62,6 +62,7 @@ def test_merge_non_contiguous(backend):
     wd_view = torch.randn(66, 33, dtype=torch.float64)[::2]
     mw, mb = ops.merge_weights(wt, b, wd_view, bd, CO.c1, CO.c3)
     ew, eb = oracle.merge(w, b, wd_view, bd, CO.c1, CO.c3)
+    assert mw.is_contiguous(), mw.stride()  # W' is row-major whatever W's layout
     assert_close(mw, ew, *TOLERANCES[torch.float64], "merged weight")
     assert_close(mb, eb, *TOLERANCES[torch.float64], "merged bias")
 

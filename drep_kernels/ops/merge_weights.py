@@ -89,7 +89,8 @@ def merge_weights(
         denoise_weight: (K, K) W_d; denoise_bias: (K,) b_d or None. All one dtype and device.
         c1, c3: reverse-step scales (finite floats).
     Returns:
-        (W', b') in the weight's dtype; b' is None when neither b nor b_d exists.
+        (W', b') in the weight's dtype, W' contiguous (row-major) whatever W's layout, on
+        every backend; b' is None when neither b nor b_d exists.
         Differentiable in all four tensors (docs/method.md, M3..M5).
     """
     _checks.tensor("weight", weight)
