@@ -38,14 +38,14 @@ LAYOUTS = ("contiguous", "column_major", "sliced_columns", "stepped_rows", "expa
 # Odd widths, 4 (one whole Philox group, N1), and the Triton interpreter's block width 32 (every
 # BLOCK_N / BLOCK_K / BLOCK_R of both kernels under TRITON_INTERPRET), its multiple and one past it.
 K_VALUES = (1, 3, 4, 7, 32, 33, 64)
-# Diffusion steps giving (a, s) from (1, 0.01) to (0.16, 0.99): the noise weighs little to most.
+# Diffusion steps with (a, s) = (1.00, 0.014), (0.99, 0.14), (0.59, 0.81): little noise to much.
 STEPS = (1, 100, 999)
 # (c1, c3) of real steps, tiny c1, and O(1) pairs in which the W W_d term weighs as much as c3 W
 # (so a dropped or mis-signed term fails in every dtype).
 MERGE_COEFFICIENTS = tuple((c.c1, c.c3) for c in map(Schedule().coefficients, (1, 500))) + ((0.75, 1.25), (-1.5, 0.5))
 # Upstream gradient of the loss: 1, the authors' lambda, and a negative one (backward must scale).
 LOSS_UPSTREAM = (1.0, 0.01, -2.5)
-# The interpreter is slow (about 0.5 s per loss at M = 100, K = 64): fewer, smaller cases there.
+# The interpreter is slow (about 0.5 s per loss at M = 100, K = 64): fewer cases there.
 MAX_EXAMPLES = {"torch": 40, "cpu": 40, "cuda": 40, "triton": 10}
 # Rows of x: past 96, so the interpreter's Triton loss has row-block groups of several blocks.
 MAX_ROWS = 130
@@ -56,8 +56,9 @@ MAX_OUT = 70
 def _targets(*op_names: str, slow_interpreter: bool = False) -> list:
     """(backend, device type) pairs that implement every op in ``op_names``; with
     ``slow_interpreter``, Triton on CPU tensors (its interpreter) is marked slow."""
+    slow = slow_interpreter and [pytest.mark.slow]
     return [
-        pytest.param(b, d, id=f"{b}-{d}", marks=[pytest.mark.slow] if slow_interpreter and (b, d) == ("triton", "cpu") else [])
+        pytest.param(b, d, id=f"{b}-{d}", marks=slow if (b, d) == ("triton", "cpu") and slow else [])
         for d in DEVICE_TYPES
         for b in NAMES
         if all(implements(b, op, d) for op in op_names)
@@ -111,7 +112,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @dataclass(frozen=True)
 class Batch:
-    """A layer input: leading shape, width K, dtype and the storage layout of x (and of eps)."""
+    """A layer input: leading shape, width K, dtype, and the storage layouts of x and of eps."""
 
     lead: tuple[int, ...]
     K: int
@@ -186,7 +187,9 @@ def _loss_cases():
     )
 
 
-# 100 rows: four of the interpreter's 32-row blocks, so three row-block groups, one of two blocks.
+# 3-D, x with column stride 2, column-major eps and W_d, b_d, a negative upstream gradient; 100
+# rows: four of the interpreter's 32-row blocks in three row-block groups, one of two blocks; K = 33:
+# two column blocks, the second of one column, and a Philox group cut at one element.
 RICH_LOSS = [
     LossCase(Batch((2, 50), 33, dtype, "sliced_columns", "column_major"), True, True, 100, -2.5, 1) for dtype in DTYPES
 ]
@@ -238,8 +241,8 @@ def test_seeded_denoise_loss_agrees_across_backends(backend, device):
     column's gradient by 2 |g| max|x_noisy| / (M K) (dW_d) or 2 |g| / (M K) (db_d), allowed on
     top of 1e-5 of the gradient's scale."""
 
-    def check(case: tuple[LossCase, int]):
-        case, seed = case
+    def check(drawn: tuple[LossCase, int]):
+        case, seed = drawn
         x, _, wd, bd, co = _loss_inputs(case, device)
         with _forced(backend, device, "denoise_loss"):
             loss = ops.denoise_loss(x, wd, bd, co.a, co.s, seed=seed)
@@ -270,7 +273,7 @@ def test_seeded_denoise_loss_agrees_across_backends(backend, device):
 
     # Seeds of both Philox key words (N1: key = (seed mod 2^32, seed div 2^32)), half each.
     seeds = st.one_of(st.integers(0, 2**32 - 1), st.integers(2**32, 2**63 - 1))
-    # The noise is drawn in the compute dtype (float32 or float64) whatever the input dtype.
+    # The in-kernel noise path depends on the compute dtype (half precisions run float32's).
     rich = [(case, 2**40 + 12345) for case in RICH_LOSS if case.batch.dtype in (torch.float32, torch.float64)]
     _run(backend, st.tuples(_loss_cases(), seeds), check, rich)
 
@@ -306,6 +309,8 @@ def _merge_cases():
     )
 
 
+# W with column stride 2, column-major W_d, both biases, O(1) coefficients; out = 45: two of the
+# interpreter's 32-row blocks, the second partial; K = 33: a reduction and column block of one.
 RICH_MERGE = [MergeCase(45, 33, dtype, "sliced_columns", True, True, True, (0.75, 1.25), 1) for dtype in DTYPES]
 
 
