@@ -47,3 +47,15 @@ def merge(w, b, w_d, b_d, c1, c3):
         return merged_w, None
     merged_b = (b if b is not None else torch.zeros_like(w[:, 0])) - c1 * (w @ b_d if b_d is not None else 0)
     return merged_w, merged_b
+
+
+def merge_grads(w, b, w_d, b_d, c1, c3, grad_w, grad_b):
+    """(dW, db, dW_d, db_d) by autograd of M1/M2 in float64, None where the parameter is None;
+    grad_w: upstream gradient of W', grad_b: of b' (None when there is no b')."""
+    params = [t.detach().double().requires_grad_(True) if t is not None else None for t in (w, b, w_d, b_d)]
+    merged_w, merged_b = merge(*params, c1, c3)
+    outputs = [merged_w] + ([merged_b] if merged_b is not None else [])
+    upstream = [grad_w.double()] + ([grad_b.double()] if merged_b is not None else [])
+    present = [p for p in params if p is not None]
+    grads = iter(torch.autograd.grad(outputs, present, upstream))
+    return tuple(next(grads) if p is not None else None for p in params)
