@@ -58,7 +58,7 @@ def split_scalar(value: float) -> tuple[float, float]:
 
 @triton.jit
 def join_scalar(hi, lo, DTYPE: tl.constexpr):
-    return tl.to_tensor(hi).to(DTYPE) + tl.to_tensor(lo).to(DTYPE)
+    return tl.cast(hi, DTYPE) + tl.cast(lo, DTYPE)  # tl.cast: triton 3.6 has no tl.to_tensor
 
 
 def check_device(*tensors: torch.Tensor) -> None:

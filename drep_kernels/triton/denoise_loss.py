@@ -123,7 +123,7 @@ def _denoise_loss_fwd_kernel(
 
     for mb in range(pid_s, tl.cdiv(M, BLOCK_M), num_groups):
         # int64 rows: N1's counters m ceil(K / 4) + q and the row offsets overflow int32 for big M K.
-        offs_m = tl.to_tensor(mb).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = tl.cast(mb, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=DTYPE)
         for k0 in range(0, K, BLOCK_K):
