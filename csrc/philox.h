@@ -62,7 +62,8 @@ DREP_HOST_DEVICE constexpr int32_t fold_word(uint32_t w) {
 // fold_word scaled into [0, 1).
 DREP_HOST_DEVICE float word_to_uniform(uint32_t w) { return static_cast<float>(fold_word(w)) * 4.6566127342e-10f; }
 
-// Box-Muller's radius sqrt(-2 ln u) and angle 2 pi u from one word each.
+// Box-Muller's radius sqrt(-2 ln u) from one word, and below sin and cos of its angle 2 pi u
+// from another.
 DREP_HOST_DEVICE float box_muller_radius(uint32_t w) {
   float u = word_to_uniform(w);
   u = u < 1.0e-7f ? 1.0e-7f : u;
@@ -73,14 +74,19 @@ DREP_HOST_DEVICE float box_muller_radius(uint32_t w) {
 #endif
 }
 
-DREP_HOST_DEVICE float box_muller_angle(uint32_t w) { return 6.283185307179586f * word_to_uniform(w); }
-
-DREP_HOST_DEVICE void sin_cos(float x, float* s, float* c) {
+// On the device sincospif(2 u), not sincosf(2 pi u): sincosf carries a slow path for huge
+// arguments (a Payne-Hanek reduction over a table in local memory) that gave every noise kernel
+// a stack frame, though the angle never exceeds 2 pi; sincospif has none. 2 u is exact, so the
+// device takes sin and cos of the exact angle where the host (like rng.py and Triton) takes them
+// of the float32 product 2 pi u: the normals differ by that product's rounding, at most ~4e-7
+// times the radius.
+DREP_HOST_DEVICE void box_muller_sin_cos(uint32_t w, float* s, float* c) {
 #if defined(__CUDA_ARCH__)
-  sincosf(x, s, c);
+  sincospif(2.0f * word_to_uniform(w), s, c);
 #else
-  *s = std::sin(x);
-  *c = std::cos(x);
+  const float angle = 6.283185307179586f * word_to_uniform(w);
+  *s = std::sin(angle);
+  *c = std::cos(angle);
 #endif
 }
 
@@ -94,7 +100,7 @@ DREP_HOST_DEVICE void philox_normal4(uint64_t seed, uint64_t counter, float out[
   for (int pair = 0; pair < 2; ++pair) {
     const float r = box_muller_radius(w[2 * pair]);
     float s, c;
-    sin_cos(box_muller_angle(w[2 * pair + 1]), &s, &c);
+    box_muller_sin_cos(w[2 * pair + 1], &s, &c);
     out[2 * pair] = r * c;
     out[2 * pair + 1] = r * s;
   }
@@ -111,7 +117,7 @@ DREP_HOST_DEVICE float noise_at(uint64_t seed, uint64_t m, uint64_t k, uint64_t 
   const uint32_t radius_word = second_pair ? w[2] : w[0];
   const uint32_t angle_word = second_pair ? w[3] : w[1];
   float s, c;
-  sin_cos(box_muller_angle(angle_word), &s, &c);
+  box_muller_sin_cos(angle_word, &s, &c);
   return box_muller_radius(radius_word) * (j % 2 == 0 ? c : s);
 }
 

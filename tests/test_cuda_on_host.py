@@ -229,6 +229,15 @@ def test_fp16_gradient_saturates_past_the_scaled_range(host):
     check_loss(got, want, torch.float16, bias=True, atol_of_largest=True)
 
 
+def test_loss_empty_batch(host):
+    # Loss 0 (not 0/0) and zero gradients, without a launch: CUDA refuses a grid of 0 blocks,
+    # and so does the host build.
+    w, b = torch.randn(7, 7), torch.randn(7)
+    loss, gw, gb = host.denoise_loss_fwd(torch.empty(0, 7), w, b, A, S, None, torch.tensor(1), True)
+    assert loss.shape == () and loss.item() == 0.0
+    assert torch.equal(gw, torch.zeros(7, 7)) and torch.equal(gb, torch.zeros(7))
+
+
 # --- the noise (N1): the CUDA kernels' two paths against rng and the CPU kernel ---------------
 
 @pytest.mark.parametrize("per_element", [False, True], ids=["groups-of-4", "per-element"])
@@ -323,3 +332,13 @@ def test_merge_half_precision(host, dtype):
     # Computed in float32, W' and b' rounded once to the weight's dtype.
     w, b, wd, bd, gw, gb = merge_inputs(127, 127, dtype, has_b=True, has_bd=True, seed=6)
     check_merge(host, dtype, w, b, wd, bd, gw, gb)
+
+
+def test_merge_empty_layer(host):
+    # out = 0: empty (W', b') and gradients, without a launch (a grid of 0 blocks is refused).
+    w, b, wd, bd = torch.empty(0, 7), torch.empty(0), torch.randn(7, 7), torch.randn(7)
+    merged_w, merged_b = host.merge_weights_fwd(w, b, wd, bd, C1, C3)
+    assert merged_w.shape == (0, 7) and merged_b.shape == (0,)
+    dw, dwd, dbd = host.merge_weights_bwd(torch.empty(0, 7), torch.empty(0), w, wd, bd, C1, C3, True, True)
+    assert dw.shape == (0, 7)
+    assert torch.equal(dwd, torch.zeros(7, 7)) and torch.equal(dbd, torch.zeros(7))
