@@ -5,12 +5,15 @@
 //
 // A launch runs one host thread per CUDA thread of a block and the blocks one after another, in
 // grid order (x fastest); __syncthreads is a barrier of the block's threads; __shared__ variables
-// are static (one block at a time uses them). The kernels register for CPU tensors under the
-// test namespace drep_cuda_host (the test defines its schemas from drep's). The GEMMs are ATen's
-// CPU GEMMs (csrc/cuda/common.cuh).
+// are static (one block at a time uses them). A block's threads really run concurrently, so a
+// missing __syncthreads shows as a wrong (or varying) result; blocks never overlap, so races
+// between blocks do not show. The kernels register for CPU tensors under the test namespace
+// drep_cuda_host (the test defines its schemas from drep's). The GEMMs are ATen's CPU GEMMs
+// (csrc/cuda/common.cuh).
 // Not emulated: warps (these kernels have no warp shuffles or warp-synchronous code), dynamic
 // shared memory, streams (a launch returns when its grid is done), and the __CUDA_ARCH__ branches
-// of csrc/philox.h (their host twins run: a 64-bit product for __umulhi, std:: for logf/sincosf).
+// of csrc/philox.h (their host twins run: a 64-bit product for __umulhi, std::log, std::sin and
+// std::cos for logf and sincospif).
 #pragma once
 #define DREP_CUDA_ON_HOST 1
 
