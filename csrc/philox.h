@@ -51,14 +51,19 @@ DREP_HOST_DEVICE void philox_words(uint64_t seed, uint64_t counter, uint32_t w[4
   w[3] = c3;
 }
 
-// A uint32 word read as int32, negatives folded onto [0, 2^31), scaled into [0, 1).
-DREP_HOST_DEVICE float word_to_uniform(uint32_t w) {
-  int32_t v = static_cast<int32_t>(w);
-  v = v < 0 ? -v - 1 : v;
-  return static_cast<float>(v) * 4.6566127342e-10f;
+// A uint32 word read as int32, negatives folded onto [0, 2^31): v < 0 becomes -v - 1, written
+// ~v because -v overflows for v = INT32_MIN (undefined behaviour). constexpr so that a compile-
+// time check (tests/cuda_host) can evaluate it at INT32_MIN, where overflow is an error.
+DREP_HOST_DEVICE constexpr int32_t fold_word(uint32_t w) {
+  const int32_t v = static_cast<int32_t>(w);
+  return v < 0 ? ~v : v;
 }
 
-// Box-Muller's radius sqrt(-2 ln u) and angle 2 pi u from one word each.
+// fold_word scaled into [0, 1).
+DREP_HOST_DEVICE float word_to_uniform(uint32_t w) { return static_cast<float>(fold_word(w)) * 4.6566127342e-10f; }
+
+// Box-Muller's radius sqrt(-2 ln u) from one word, and below sin and cos of its angle 2 pi u
+// from another.
 DREP_HOST_DEVICE float box_muller_radius(uint32_t w) {
   float u = word_to_uniform(w);
   u = u < 1.0e-7f ? 1.0e-7f : u;
@@ -69,14 +74,19 @@ DREP_HOST_DEVICE float box_muller_radius(uint32_t w) {
 #endif
 }
 
-DREP_HOST_DEVICE float box_muller_angle(uint32_t w) { return 6.283185307179586f * word_to_uniform(w); }
-
-DREP_HOST_DEVICE void sin_cos(float x, float* s, float* c) {
+// On the device sincospif(2 u), not sincosf(2 pi u): sincosf carries a slow path for huge
+// arguments (a Payne-Hanek reduction over a table in local memory) that gave every noise kernel
+// a stack frame, though the angle never exceeds 2 pi; sincospif has none. 2 u is exact, so the
+// device takes sin and cos of the exact angle where the host (like rng.py and Triton) takes them
+// of the float32 product 2 pi u: the normals differ by that product's rounding, at most ~4e-7
+// times the radius.
+DREP_HOST_DEVICE void box_muller_sin_cos(uint32_t w, float* s, float* c) {
 #if defined(__CUDA_ARCH__)
-  sincosf(x, s, c);
+  sincospif(2.0f * word_to_uniform(w), s, c);
 #else
-  *s = std::sin(x);
-  *c = std::cos(x);
+  const float angle = 6.283185307179586f * word_to_uniform(w);
+  *s = std::sin(angle);
+  *c = std::cos(angle);
 #endif
 }
 
@@ -84,10 +94,13 @@ DREP_HOST_DEVICE void sin_cos(float x, float* s, float* c) {
 DREP_HOST_DEVICE void philox_normal4(uint64_t seed, uint64_t counter, float out[4]) {
   uint32_t w[4];
   philox_words(seed, counter, w);
+#if defined(__CUDA_ARCH__)
+#pragma unroll  // constant indices into w and out: registers, not local memory
+#endif
   for (int pair = 0; pair < 2; ++pair) {
     const float r = box_muller_radius(w[2 * pair]);
     float s, c;
-    sin_cos(box_muller_angle(w[2 * pair + 1]), &s, &c);
+    box_muller_sin_cos(w[2 * pair + 1], &s, &c);
     out[2 * pair] = r * c;
     out[2 * pair + 1] = r * s;
   }
@@ -99,9 +112,13 @@ DREP_HOST_DEVICE float noise_at(uint64_t seed, uint64_t m, uint64_t k, uint64_t 
   uint32_t w[4];
   philox_words(seed, m * ((cols + 3) / 4) + k / 4, w);
   const int j = static_cast<int>(k % 4);
+  // The pair's words picked by selects, not w[runtime index]: that would put w in local memory.
+  const bool second_pair = j >= 2;
+  const uint32_t radius_word = second_pair ? w[2] : w[0];
+  const uint32_t angle_word = second_pair ? w[3] : w[1];
   float s, c;
-  sin_cos(box_muller_angle(w[j < 2 ? 1 : 3]), &s, &c);
-  return box_muller_radius(w[j < 2 ? 0 : 2]) * (j % 2 == 0 ? c : s);
+  box_muller_sin_cos(angle_word, &s, &c);
+  return box_muller_radius(radius_word) * (j % 2 == 0 ? c : s);
 }
 
 }  // namespace drep

@@ -1,15 +1,28 @@
 // Helpers shared by the CUDA kernels: GEMMs with a float32 (float64) result whatever the
-// operand dtype, the launch shape of the elementwise kernels, and the device checks.
+// operand dtype, the launch shape of the elementwise kernels, the device checks, and the two
+// macros (launch, registration) through which tests/cuda_host runs these sources on the CPU.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/version.h>
 
 #include <algorithm>
 #include <cstdint>
+
+#ifndef DREP_CUDA_ON_HOST
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+// kernel<<<grid, block, smem, stream>>>(args...) is written
+// DREP_LAUNCH(grid, block, smem, stream, kernel)(args...): a host compiler cannot parse <<< >>>,
+// and the host build of these sources (tests/cuda_host/cuda_host.h, which defines
+// DREP_CUDA_ON_HOST and its own DREP_LAUNCH) runs the same kernels on host threads.
+#define DREP_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+// The kernels are drep's CUDA kernels; the host build registers them for CPU tensors under a
+// test namespace instead (drep's CPU kernels are csrc/cpu's).
+#define DREP_CUDA_KERNELS(m) TORCH_LIBRARY_IMPL(drep, CUDA, m)
+#endif
 
 // aten::mm.dtype (float16/bfloat16 operands, float32 result, float32 accumulation in cuBLAS)
 // exists from torch 2.8. Without it (or built with -DDREP_UPCAST_GEMM, to test that path) the
@@ -25,6 +38,12 @@ namespace drep {
 namespace cuda {
 
 constexpr int kThreads = 256;
+
+#ifdef DREP_CUDA_ON_HOST
+constexpr at::DeviceType kDeviceType = at::kCPU;  // the host build runs on CPU tensors
+#else
+constexpr at::DeviceType kDeviceType = at::kCUDA;
+#endif
 
 // Blocks for a grid-stride loop over n elements (n > 0): enough to fill any current GPU,
 // few enough that gridDim.x never nears its limit.
@@ -55,7 +74,9 @@ inline void mm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b
     at::mm_out(out, a, b);
     return;
   }
-#if DREP_HALF_GEMM_FP32_OUT
+  // aten::mm.dtype has no CPU kernel: the host build (tests/cuda_host) takes the upcast below,
+  // which gives the same products (exact in float32) and float32 sums.
+#if DREP_HALF_GEMM_FP32_OUT && !defined(DREP_CUDA_ON_HOST)
   if (acc == at::kFloat && a.scalar_type() == b.scalar_type() && is_half(a.scalar_type())) {
     at::mm_out(out, a, b, acc);
     return;
@@ -65,7 +86,8 @@ inline void mm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b
 }
 
 inline void check_cuda(const at::Tensor& t, const char* name, const at::Device& device) {
-  TORCH_CHECK(t.is_cuda(), "drep: ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.device().type() == kDeviceType, "drep: ", name, " must be a ", c10::DeviceTypeName(kDeviceType),
+              " tensor, got ", t.device());
   TORCH_CHECK(t.device() == device, "drep: ", name, " is on ", t.device(), " but expected ", device);
 }
 

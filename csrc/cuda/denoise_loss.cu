@@ -15,8 +15,9 @@
 //   4. finalize_chunk_kernel: adds the chunk's block partials, in index order and in float64,
 //      to the running loss and dL/db_d sums.
 //   5. cuBLAS GEMM: dL/dW_d += G'^T x_noisy (chunk 0 writes, later chunks add in chunk order).
-// At the end the sums are divided by n = M K. G' is kept unscaled so that fp16 does not
-// underflow (G = G' / n would be ~1e-9 for large batches); fp16 G' saturates only for |D| > 3e4.
+// At the end the sums are divided by n = M K. G' is stored without the 1 / n so that fp16 does
+// not underflow (G = G' / n would be ~1e-9 for large batches); fp16 stores G' 2^-14 so that it
+// overflows only past |D| ~ 5.4e8, and saturates there (grad_to_gemm).
 // Deterministic: no atomics; every sum has a fixed order for fixed (M, K); cuBLAS GEMMs are
 // bitwise reproducible for fixed shapes on one GPU model and cuBLAS version.
 // Memory beyond the outputs: x_noisy, p and G' for one chunk (G' reuses p's buffer when both
@@ -36,6 +37,8 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "../common.h"
 #include "../philox.h"
 #include "common.cuh"
@@ -43,7 +46,11 @@
 namespace drep {
 namespace {
 
-constexpr int64_t kChunkElems = int64_t(1) << 23;  // chunk buffer budget (elements)
+// Chunk buffer budget (elements). tests/cuda_host builds with a small one to run several chunks.
+#ifndef DREP_LOSS_CHUNK_ELEMS
+#define DREP_LOSS_CHUNK_ELEMS (int64_t(1) << 23)
+#endif
+constexpr int64_t kChunkElems = DREP_LOSS_CHUNK_ELEMS;
 constexpr int64_t kMinChunkRows = 128;              // GEMM-friendly floor for very wide K
 constexpr int kTileCols = 32;                       // epilogue block: 32 columns (one warp) ...
 constexpr int kRowLanes = 8;                        // ... by 8 row lanes ...
@@ -114,10 +121,30 @@ __global__ void noisy_input_kernel(const scalar_t* x, int64_t xs0, int64_t xs1, 
   }
 }
 
+// G' = sign(D) + 2 D in the GEMM dtype, times kGradScale<gemm_t> (undone on dL/dW_d at the end).
+// Every non-zero |G'| is at least 1, so float16 can store G' 2^-14 exactly as it stores G' (2^-14
+// is its smallest normal: no value loses precision), which moves its overflow from |G'| > 65504
+// (|D| ~ 3.3e4) to |G'| > 65504 2^14 (|D| ~ 5.4e8). Beyond that float16 saturates at its largest
+// finite value instead of becoming inf (that element's gradient is clipped, not lost); NaN stays
+// NaN. bfloat16, float32 and float64 have float32's range or more and store G' as it is.
+template <typename gemm_t>
+constexpr double kGradScale = std::is_same_v<gemm_t, at::Half> ? 1.0 / 16384.0 : 1.0;
+
+template <typename gemm_t, typename acc_t>
+__device__ __forceinline__ gemm_t grad_to_gemm(acc_t grad) {
+  if constexpr (std::is_same_v<gemm_t, at::Half>) {
+    constexpr acc_t kMax = 65504;  // float16's largest finite value
+    const acc_t v = grad * static_cast<acc_t>(kGradScale<gemm_t>);
+    return static_cast<gemm_t>(v > kMax ? kMax : (v < -kMax ? -kMax : v));
+  } else {
+    return static_cast<gemm_t>(grad);
+  }
+}
+
 // L1 / L2 epilogue over a 64 x 32 tile of the chunk: D = p + b_d - eps; the tile's sum of
 // |D| + D^2 goes to loss_part[tile]; with g != nullptr, G' = sign(D) + 2 D (sign(0) = 0) is
-// written at p's position and, with col_part != nullptr, the tile's column sums of G' go to
-// col_part[blockIdx.y, col]. g may alias p (same dtype): each element is read, then written,
+// written at p's position (through grad_to_gemm) and, with col_part != nullptr, the tile's
+// column sums of G' go to col_part[blockIdx.y, col]. g may alias p (same dtype): each element is read, then written,
 // by one thread. All sums run in a fixed order.
 template <typename gemm_t, typename acc_t>
 __global__ void __launch_bounds__(kFinalThreads)
@@ -139,7 +166,7 @@ __global__ void __launch_bounds__(kFinalThreads)
         const acc_t grad = (d > acc_t(0) ? acc_t(1) : (d < acc_t(0) ? acc_t(-1) : acc_t(0))) + acc_t(2) * d;
         col_sum += grad;
         if (g != nullptr) {
-          g[i] = static_cast<gemm_t>(grad);
+          g[i] = grad_to_gemm<gemm_t>(grad);
         }
       }
     }
@@ -271,7 +298,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_loss_chunks(
     at::Tensor x_noisy_c = x_noisy.narrow(0, 0, rows);
     at::Tensor p_c = p.narrow(0, 0, rows);
 
-    noisy_input_kernel<scalar_t, gemm_t, acc_t><<<cuda::blocks_for(rows * ((k + 3) / 4)), cuda::kThreads, 0, stream>>>(
+    const unsigned int noisy_blocks = cuda::blocks_for(rows * ((k + 3) / 4));
+    DREP_LAUNCH(noisy_blocks, cuda::kThreads, 0, stream, noisy_input_kernel<scalar_t, gemm_t, acc_t>)(
         x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1), ns, static_cast<acc_t>(a), static_cast<acc_t>(s),
         row0, rows, k, x_noisy_c.mutable_data_ptr<gemm_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -281,14 +309,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_loss_chunks(
     const int64_t tiles_y = (rows + kTileRows - 1) / kTileRows;
     const dim3 grid(static_cast<unsigned int>(tiles_x), static_cast<unsigned int>(tiles_y));
     const dim3 block(kTileCols, kRowLanes);
-    loss_epilogue_kernel<gemm_t, acc_t><<<grid, block, 0, stream>>>(
+    DREP_LAUNCH(grid, block, 0, stream, loss_epilogue_kernel<gemm_t, acc_t>)(
         p_c.const_data_ptr<acc_t>(), compute_grad ? g.mutable_data_ptr<gemm_t>() : nullptr,
         has_bias ? bias.const_data_ptr<acc_t>() : nullptr, ns, row0, rows, k, loss_part.mutable_data_ptr<acc_t>(),
         bias_grad ? col_part.mutable_data_ptr<acc_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     const auto final_blocks = static_cast<unsigned int>((k + kFinalThreads - 1) / kFinalThreads);
-    finalize_chunk_kernel<acc_t><<<final_blocks, kFinalThreads, 0, stream>>>(
+    DREP_LAUNCH(final_blocks, kFinalThreads, 0, stream, finalize_chunk_kernel<acc_t>)(
         loss_part.const_data_ptr<acc_t>(), tiles_x * tiles_y, loss_sum.mutable_data_ptr<double>(),
         bias_grad ? col_part.const_data_ptr<acc_t>() : nullptr, tiles_y, k,
         bias_grad ? grad_bias_sum.mutable_data_ptr<double>() : nullptr);
@@ -312,7 +340,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_loss_chunks(
   if (!compute_grad) {
     return {loss, at::empty({0}, opts), at::empty({0}, opts)};
   }
-  grad_weight.div_(n);
+  grad_weight.div_(n * kGradScale<gemm_t>);  // G = G' / n, G' stored times kGradScale
   at::Tensor grad_bias = bias_grad ? grad_bias_sum.div(n).to(cdt) : at::empty({0}, opts);
   return {loss, grad_weight, grad_bias};
 }
@@ -392,11 +420,12 @@ at::Tensor denoise_noise_cuda(const at::Tensor& like, const at::Tensor& seed, in
   ns.k = cols;
   const auto stream = at::cuda::getCurrentCUDAStream();
   if (per_element) {
-    noise_per_element_kernel<<<cuda::blocks_for(rows * cols), cuda::kThreads, 0, stream>>>(ns, row0, rows,
-                                                                                          out.mutable_data_ptr<float>());
+    DREP_LAUNCH(cuda::blocks_for(rows * cols), cuda::kThreads, 0, stream, noise_per_element_kernel)(
+        ns, row0, rows, out.mutable_data_ptr<float>());
   } else {
     const at::Tensor zero = at::zeros({1}, opts);  // x, read with strides 0
-    noisy_input_kernel<float, float, float><<<cuda::blocks_for(rows * ((cols + 3) / 4)), cuda::kThreads, 0, stream>>>(
+    const unsigned int blocks = cuda::blocks_for(rows * ((cols + 3) / 4));
+    DREP_LAUNCH(blocks, cuda::kThreads, 0, stream, noisy_input_kernel<float, float, float>)(
         zero.const_data_ptr<float>(), 0, 0, ns, 0.0f, 1.0f, row0, rows, cols, out.mutable_data_ptr<float>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -405,7 +434,7 @@ at::Tensor denoise_noise_cuda(const at::Tensor& like, const at::Tensor& seed, in
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(drep, CUDA, m) {
+DREP_CUDA_KERNELS(m) {
   m.impl("denoise_loss_fwd", &denoise_loss_fwd_cuda);
   m.impl("_denoise_noise", &denoise_noise_cuda);
 }

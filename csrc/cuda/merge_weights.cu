@@ -60,14 +60,15 @@ void scale_add(const at::Tensor& x, double cx, const at::Tensor& r, double cr, c
                 r.scalar_type(), " is not the compute dtype of ", x_dtype);
     const scalar_t* x_ptr = x.defined() ? x.const_data_ptr<scalar_t>() : nullptr;
     const int64_t xs0 = x.defined() ? x.stride(0) : 0, xs1 = x.defined() ? x.stride(1) : 0;
+    const unsigned int blocks = cuda::blocks_for(rows * cols);
     if (out.scalar_type() == x_dtype) {
-      scale_add_kernel<scalar_t, acc_t, scalar_t><<<cuda::blocks_for(rows * cols), cuda::kThreads, 0, stream>>>(
+      DREP_LAUNCH(blocks, cuda::kThreads, 0, stream, scale_add_kernel<scalar_t, acc_t, scalar_t>)(
           x_ptr, xs0, xs1, static_cast<acc_t>(cx), r.const_data_ptr<acc_t>(), r.stride(0), r.stride(1),
           static_cast<acc_t>(cr), out.mutable_data_ptr<scalar_t>(), out.stride(0), out.stride(1), rows, cols);
     } else {
       TORCH_CHECK(out.scalar_type() == r.scalar_type(), "drep: scale_add: output dtype ", out.scalar_type(),
                   " is neither ", x_dtype, " nor ", r.scalar_type());
-      scale_add_kernel<scalar_t, acc_t, acc_t><<<cuda::blocks_for(rows * cols), cuda::kThreads, 0, stream>>>(
+      DREP_LAUNCH(blocks, cuda::kThreads, 0, stream, scale_add_kernel<scalar_t, acc_t, acc_t>)(
           x_ptr, xs0, xs1, static_cast<acc_t>(cx), r.const_data_ptr<acc_t>(), r.stride(0), r.stride(1),
           static_cast<acc_t>(cr), out.mutable_data_ptr<acc_t>(), out.stride(0), out.stride(1), rows, cols);
     }
@@ -181,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_weights_bwd_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(drep, CUDA, m) {
+DREP_CUDA_KERNELS(m) {
   m.impl("merge_weights_fwd", &merge_weights_fwd_cuda);
   m.impl("merge_weights_bwd", &merge_weights_bwd_cuda);
 }
