@@ -95,7 +95,11 @@ def seed_from_tensor(seed: torch.Tensor) -> int:
     return int(seed.item())
 
 
-def draw_seed(generator: torch.Generator | None = None) -> torch.Tensor:
-    """A fresh 0-d int64 CPU seed tensor from torch's default (or the given) CPU generator,
-    so ``torch.manual_seed`` makes runs repeatable."""
-    return torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu", generator=generator)
+def draw_seed(generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A fresh 0-d int64 seed tensor on ``device`` from torch's default generator of that device
+    (or the given one), so ``torch.manual_seed`` makes runs repeatable. On CUDA the draw is a
+    device op that a CUDA graph replays (a new seed each replay); nothing is read on the host."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        device = torch.device("cpu")
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device=device, generator=generator)

@@ -68,7 +68,20 @@ struct NoiseSource {
   int kind;         // 0 float32, 1 float64, 2 float16, 3 bfloat16
   uint64_t seed;
   int64_t k;  // row length K (N1 counts ceil(K / 4) counters per row)
+  // A seed drawn on the device (drep_kernels.rng.draw_seed): loaded by each kernel, never read
+  // on the host, so a captured CUDA graph replays the draw and gets new noise every replay.
+  // nullptr: `seed` holds an explicit seed, read on the host.
+  const int64_t* seed_ptr;
 };
+
+// ns with its seed in hand: each kernel calls this once, before drawing any noise.
+__device__ __forceinline__ NoiseSource with_seed(NoiseSource ns) {
+  if (ns.seed_ptr != nullptr) {
+    ns.seed = static_cast<uint64_t>(*ns.seed_ptr);
+    ns.seed_ptr = nullptr;
+  }
+  return ns;
+}
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t eps_at(NoiseSource ns, int64_t m, int64_t col) {
@@ -98,6 +111,7 @@ __device__ __forceinline__ acc_t eps_at(NoiseSource ns, int64_t m, int64_t col) 
 template <typename scalar_t, typename gemm_t, typename acc_t>
 __global__ void noisy_input_kernel(const scalar_t* x, int64_t xs0, int64_t xs1, NoiseSource ns, acc_t a, acc_t s,
                                    int64_t row0, int64_t rows, int64_t k, gemm_t* x_noisy) {
+  ns = with_seed(ns);
   const int64_t groups = (k + 3) / 4;
   const int64_t n = rows * groups;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -150,6 +164,7 @@ template <typename gemm_t, typename acc_t>
 __global__ void __launch_bounds__(kFinalThreads)
     loss_epilogue_kernel(const acc_t* p, gemm_t* g, const acc_t* bias, NoiseSource ns, int64_t row0, int64_t rows,
                          int64_t k, acc_t* loss_part, acc_t* col_part) {
+  ns = with_seed(ns);
   const int tx = static_cast<int>(threadIdx.x), ty = static_cast<int>(threadIdx.y);
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kTileCols + tx;
   const int64_t tile_row0 = static_cast<int64_t>(blockIdx.y) * kTileRows;
@@ -363,7 +378,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_loss_fwd_cuda(
   if (denoise_bias.has_value()) {
     cuda::check_cuda(*denoise_bias, "denoise_bias", device);
   }
-  NoiseSource ns{nullptr, 0, 0, 0, 0, k};
+  NoiseSource ns{nullptr, 0, 0, 0, 0, k, nullptr};
   if (noise.has_value()) {
     TORCH_CHECK(noise->sizes() == x.sizes(), "drep: noise must have x's shape ", x.sizes(), ", got ", noise->sizes());
     cuda::check_cuda(*noise, "noise", device);
@@ -372,10 +387,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_loss_fwd_cuda(
     ns.s1 = noise->stride(1);
     ns.ptr = m * k > 0 ? noise->const_data_ptr() : nullptr;
   } else {
-    // Read on the host: seed is a CPU tensor by contract, so this never syncs the device.
-    TORCH_CHECK(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.numel() == 1,
-                "drep: seed must be a 0-d int64 CPU tensor");
-    ns.seed = static_cast<uint64_t>(seed.item<int64_t>());
+    TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1, "drep: seed must be a 0-d int64 tensor");
+    if (seed.device() == device) {
+      ns.seed_ptr = seed.const_data_ptr<int64_t>();  // drawn on the device: the kernels load it
+    } else {
+      // An explicit seed, read on the host: a CPU tensor, so this never syncs the device.
+      TORCH_CHECK(seed.device().is_cpu(), "drep: seed must be on x's device or the CPU, got ", seed.device());
+      ns.seed = static_cast<uint64_t>(seed.item<int64_t>());
+    }
   }
   const c10::cuda::CUDAGuard guard(device);
   const auto cdt = compute_dtype(x.scalar_type());
@@ -395,6 +414,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_loss_fwd_cuda(
 
 // One thread per element through eps_at, the loss epilogue's noise (test hook only).
 __global__ void noise_per_element_kernel(NoiseSource ns, int64_t row0, int64_t rows, float* out) {
+  ns = with_seed(ns);
   const int64_t n = rows * ns.k;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {

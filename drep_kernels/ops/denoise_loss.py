@@ -73,7 +73,10 @@ def flat_noise_and_seed(
     """Check ``noise`` / ``seed`` for the (..., K) input x and return (noise as (M, K), seed
     tensor).
 
-    Without either, a seed is drawn from torch's default CPU generator."""
+    Without either, a seed is drawn from torch's default generator of x's device: for CUDA x
+    on the device (``torch.randint``, capture-safe), never read on the host, so that the CUDA
+    and Triton kernels load it themselves and a captured CUDA graph draws new noise on every
+    replay. An explicit seed is a CPU value, read on the host (a graph replays it unchanged)."""
     if noise is not None:
         if seed is not None:
             raise ValueError("give noise or seed, not both")
@@ -84,7 +87,7 @@ def flat_noise_and_seed(
             raise ValueError(f"noise is on {noise.device} but x is on {x.device}")
         return noise.reshape(math.prod(x.shape[:-1]), x.shape[-1]), torch.zeros((), dtype=torch.int64)
     if seed is None:
-        return None, rng.draw_seed()
+        return None, rng.draw_seed(device=x.device)
     if isinstance(seed, Tensor):
         if seed.dtype != torch.int64 or seed.dim() != 0 or seed.device.type != "cpu":
             raise ValueError("a seed tensor must be a 0-d int64 CPU tensor")
