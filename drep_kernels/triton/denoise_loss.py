@@ -175,8 +175,9 @@ def _denoise_loss_fwd_kernel(
 # 4 warps, or 128-wide tiles spill on the IEEE or float64 paths. maxnreg: without a register cap
 # ptxas -O3 picks its own target, trading spills for occupancy; that is why 128 x 128 tiles came
 # out at 32 registers with KBs of spills (nothing in the PTX forced 32: .reqntid 256 allows 255)
-# and why even these tiles spilled a few bytes at 128 registers. With .maxnreg it keeps them in
-# registers. BLOCK_M = BLOCK_N = 64: TF32 runs on wgmma on sm_90 (64 rows per warp group).
+# and why these tiles spilled a few bytes at 128 registers (float64, L1 only). With .maxnreg it
+# keeps them in registers (about 130 to 230: one 256-thread block per SM, as most builds had
+# anyway). BLOCK_M = BLOCK_N = 64: TF32 runs on wgmma on sm_90 (64 rows per warp group).
 _CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=8, num_stages=st, maxnreg=255)
     for st in (3, 2)
