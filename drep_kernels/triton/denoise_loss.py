@@ -117,8 +117,10 @@ def _denoise_loss_fwd_kernel(
     mask_n = offs_n < K
     if HAS_BIAS:
         bias = tl.load(bd_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(DTYPE)
-    abs_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=DTYPE)
-    sq_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=DTYPE)
+    # Running sums of |D| and D^2, one per program: BLOCK_M x BLOCK_N accumulators would hold two
+    # more tiles in registers across the whole loop for sums only read at the end (ptxas spills).
+    abs_sum = tl.zeros((), dtype=DTYPE)
+    sq_sum = tl.zeros((), dtype=DTYPE)
     db_acc = tl.zeros((BLOCK_N,), dtype=DTYPE)
 
     for mb in range(pid_s, tl.cdiv(M, BLOCK_M), num_groups):
@@ -146,8 +148,8 @@ def _denoise_loss_fwd_kernel(
             noise_ptr, offs_m, pid_n * BLOCK_N, mask_mn, K, seed, stride_em, stride_ek, BLOCK_N, HAS_NOISE, DTYPE,
         )
         d = tl.where(mask_mn, acc - eps, 0.0)
-        abs_acc += tl.abs(d)
-        sq_acc += d * d
+        abs_sum += tl.sum(tl.sum(tl.abs(d), axis=1), axis=0)
+        sq_sum += tl.sum(tl.sum(d * d, axis=1), axis=0)
         if COMPUTE_GRAD:
             g = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)).to(DTYPE) + 2.0 * d  # sign(0) = 0
             db_acc += tl.sum(g, axis=0)
@@ -171,27 +173,30 @@ def _denoise_loss_fwd_kernel(
                 tl.debug_barrier()
 
     loss_idx = pid_s.to(tl.int64) * loss_part_stride + pid_n
-    tl.store(loss_part_ptr + 2 * loss_idx, tl.sum(tl.sum(abs_acc, axis=1), axis=0))
-    tl.store(loss_part_ptr + 2 * loss_idx + 1, tl.sum(tl.sum(sq_acc, axis=1), axis=0))
+    tl.store(loss_part_ptr + 2 * loss_idx, abs_sum)
+    tl.store(loss_part_ptr + 2 * loss_idx + 1, sq_sum)
     if COMPUTE_GRAD:
         if HAS_BIAS:
             tl.store(db_part_ptr + pid_s.to(tl.int64) * K + offs_n, db_acc, mask=mask_n)
 
 
-# H100 / H200 candidates (untuned here: no GPU on the machine this was written on). BLOCK_N
-# large amortises eps generation (each x_noisy element is regenerated once per column block).
+# Untuned (no GPU where this was written): the configs that compile without register spills for
+# sm_80 and sm_90 on every dtype path (python -m benchmarks.triton_aot, tests/test_triton_aot.py;
+# table in benchmarks/results/triton-aot-sm80-sm90.md). A program holds the p tile, then G~, its
+# transpose and a (BLOCK_N, BLOCK_K) dW_d slice, and the IEEE float32 dot (the float32 default,
+# and bf16 / fp16, computed in float32) runs on FMA units, each thread holding its rows and
+# columns of both operands in registers (the second dot reduces over BLOCK_M): BLOCK_K = 32,
+# 4 warps, or 128-wide tiles spill on the IEEE or float64 paths. maxnreg: without a register cap
+# ptxas -O3 picks its own target, trading spills for occupancy; that is why 128 x 128 tiles came
+# out at 32 registers with KBs of spills (nothing in the PTX forced 32: .reqntid 256 allows 255)
+# and why these tiles spilled a few bytes at 128 registers (float64, L1 only). With .maxnreg it
+# keeps them in registers (about 130 to 230: one 256-thread block per SM, as most builds had
+# anyway). BLOCK_M = BLOCK_N = 64: TF32 runs on wgmma on sm_90 (64 rows per warp group).
 _CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-    for bm, bn, bk, w, st in [
-        (64, 128, 32, 4, 3),
-        (128, 128, 32, 8, 3),
-        (64, 256, 32, 8, 3),
-        (128, 64, 64, 4, 3),
-        (128, 128, 64, 8, 2),
-        (64, 64, 64, 4, 4),
-    ]
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=8, num_stages=st, maxnreg=255)
+    for st in (3, 2)
 ]
-_DEFAULT = _CONFIGS[1]
+_DEFAULT = _CONFIGS[0]
 _INTERPRET = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
 _ACTIVE = _common.config(_CONFIGS, _DEFAULT, _INTERPRET)
 

@@ -97,16 +97,19 @@ def _merge_gemm_kernel(
         tl.store(outcol_ptr + offs_r * stride_outcol, col.to(outcol_ptr.dtype.element_ty), mask=mask_r & has_col)
 
 
+# Untuned (no GPU where this was written): the configs that compile without register spills for
+# sm_80 and sm_90 on every dtype path and launch (python -m benchmarks.triton_aot; table in
+# benchmarks/results/triton-aot-sm80-sm90.md). The IEEE float32 dot (the float32 default, and
+# bf16 / fp16, computed in float32) runs on FMA units, each thread holding its rows and columns
+# of both operand slices in registers: BLOCK_K = 32 or 128 x 128 tiles spill on the IEEE or
+# float64 paths. Without a register cap ptxas -O3 picks its own register target, trading spills
+# for occupancy: that is why the former 128 x 128 x 32 default came out at 32 registers with
+# 11 KB of spill stores (nothing in the PTX forced 32: .reqntid 256 allows 255), and why 64 x 64
+# tiles spill a few bytes at 80 to 96 registers; with a cap (maxnreg) it fills the cap instead
+# (255 registers for 64 x 64; at 128 it spills), so those are not shipped.
 _CONFIGS = [
-    triton.Config({"BLOCK_R": br, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_R": 8}, num_warps=w, num_stages=st)
-    for br, bn, bk, w, st in [
-        (128, 128, 32, 8, 3),
-        (128, 256, 32, 8, 3),
-        (64, 128, 32, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (128, 128, 64, 8, 3),
-    ]
+    triton.Config({"BLOCK_R": br, "BLOCK_N": bn, "BLOCK_K": 16, "GROUP_R": 8}, num_warps=8, num_stages=3)
+    for br, bn in [(128, 64), (64, 128)]
 ]
 _DEFAULT = _CONFIGS[0]
 _INTERPRET = triton.Config({"BLOCK_R": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_R": 2}, num_warps=4, num_stages=1)
