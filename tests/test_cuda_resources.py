@@ -26,12 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("csrc/cuda/denoise_loss.cu", "csrc/cuda/merge_weights.cu")
 # Kernels known to use local memory, with the reason; each is an expected failure until fixed
 # (strict: the test fails once the kernel is clean, so that this entry gets removed).
-KNOWN_LOCAL_MEMORY = {
-    "noisy_input_kernel": "issue 11 defect 6: a 32-byte stack frame on sm_80 and sm_90 (the Philox four-normal "
-    "array of csrc/cuda/denoise_loss.cu's prologue lives in local memory)",
-    "noise_per_element_kernel": "issue 11 defect 6: the test hook's eps_at -> noise_at picks one of four normals "
-    "with a run-time index, a 48-byte stack frame",
-}
+KNOWN_LOCAL_MEMORY: dict[str, str] = {}  # kernel name -> why it may not be free of local memory yet
 
 
 def kernel_names() -> list[str]:

@@ -23,8 +23,9 @@ of a BLOCK_N x K float32 strip per row block ((M / BLOCK_M) K^2 8 bytes in all, 
 hits), and (b) generating eps twice per (element, column block) rather than once; a second
 kernel recomputing p would pay (b) as well. The RNG is the cost to watch: Philox is 10 rounds
 of 32-bit multiplies per four elements, regenerated K / BLOCK_N times, against 2 BLOCK_N
-tensor-core FLOPs per regenerated element, so wide column blocks (BLOCK_N = 128, 256) matter. To be
-measured and tuned on an H100 / H200.
+tensor-core FLOPs per regenerated element, so wide column blocks (BLOCK_N = 128, 256) would
+matter, but none of those compiles without spills today (benchmarks/results/triton-aot-sm80-sm90.md):
+the shipped config is 64 x 64. To be measured and tuned on an H100 / H200.
 
 Determinism: no atomics. Each group owns its partial dW_d / db_d slice and each program its
 loss partial; the slices are summed in a fixed order afterwards (torch.sum over a fixed-shape
@@ -139,7 +140,7 @@ def _denoise_loss_fwd_kernel(
             # for any K that fits a K x K float32 matrix in 8 GiB).
             w_ptrs = wd_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
             w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(DTYPE)
-            acc = tl.dot(xn, w, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(xn, w, acc, input_precision=INPUT_PRECISION, out_dtype=DTYPE)
         if HAS_BIAS:
             acc += bias[None, :]
         mask_mn = mask_m[:, None] & mask_n[None, :]
@@ -165,7 +166,7 @@ def _denoise_loss_fwd_kernel(
                 ptrs = dw_rows + offs_k[None, :]
                 mask_nk = mask_n[:, None] & mask_k[None, :]
                 part = tl.load(ptrs, mask=mask_nk, other=0.0)
-                part = tl.dot(g_t, xn, part, input_precision=INPUT_PRECISION)
+                part = tl.dot(g_t, xn, part, input_precision=INPUT_PRECISION, out_dtype=DTYPE)
                 tl.store(ptrs, part, mask=mask_nk)
                 # This program alone owns these dW_d rows, but the threads that store an element
                 # need not be the ones that load it for the next row block: make the stores

@@ -73,7 +73,7 @@ def _merge_gemm_kernel(
         if HAS_BCOL:
             bcol = tl.load(bcol_ptr + offs_k * stride_bcol, mask=mask_k, other=0.0).to(DTYPE)
             b = tl.where(offs_n[None, :] == N, bcol[:, None], b)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=DTYPE)
 
     c_mul = join_scalar(c_mul_hi, c_mul_lo, DTYPE)
     if HAS_RANK1:
