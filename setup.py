@@ -114,22 +114,23 @@ if DECISION.build_cuda and "TORCH_CUDA_ARCH_LIST" not in os.environ and not torc
     os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
 
 
-def _write_build_info() -> None:
-    """drep_kernels/_build_info.py (gitignored) for `python -m drep_kernels.env`. Written into the
-    source tree before setup() runs, so build_py ships it in a wheel and an editable install reads
-    it in place; every run of setup.py rewrites it from the same decision."""
-    arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "torch's default: the visible GPUs")
-    with open(os.path.join(ROOT, "drep_kernels", "_build_info.py"), "w", encoding="utf-8") as f:
-        f.write(_build.build_info_source(DECISION, FOUND, arch))
-
-
 class _BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """build_ext that warns about a CUDA fallback and records the decision for
+    `python -m drep_kernels.env` in drep_kernels/_build_info.py (generated, gitignored)."""
+
     def run(self):
         # Here, not where the decision is made: pip runs setup.py once per build hook, and the
         # extension is compiled once.
         if DECISION.warning:
             print(f"warning: {DECISION.warning}", file=sys.stderr, flush=True)
         super().run()
+        # Beside the built _C: the build tree for a wheel, the source tree for an editable
+        # install. Never the source tree otherwise: that file would describe another environment's
+        # build to the editable install of this checkout.
+        package_dir = os.path.dirname(self.get_ext_fullpath("drep_kernels._C"))
+        arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "torch's default: the visible GPUs")
+        with open(os.path.join(package_dir, "_build_info.py"), "w", encoding="utf-8") as f:
+            f.write(_build.build_info_source(DECISION, FOUND, arch))
 
 
 def _extension():
@@ -161,7 +162,6 @@ def _extension():
     )
 
 
-_write_build_info()
 setup(
     packages=find_packages(include=["drep_kernels", "drep_kernels.*"]),
     ext_modules=[_extension()],
