@@ -89,12 +89,14 @@ def _merge_gemm_kernel(
     out_ptrs = out_ptr + offs_r[:, None] * stride_outr + offs_n[None, :] * stride_outn
     tl.store(out_ptrs, val.to(out_ptr.dtype.element_ty), mask=mask)
     if HAS_BCOL:
-        # Only the last column block holds column N; elsewhere the store is fully masked.
-        col = tl.sum(tl.where(offs_n[None, :] == N, c_mul * acc, 0.0), axis=1)
-        if HAS_ADDCOL:
-            col += tl.load(addcol_ptr + offs_r * stride_addcol, mask=mask_r, other=0.0).to(DTYPE)
-        has_col = (pid_n.to(tl.int64) + 1) * BLOCK_N > N
-        tl.store(outcol_ptr + offs_r * stride_outcol, col.to(outcol_ptr.dtype.element_ty), mask=mask_r & has_col)
+        # Only the last column block holds column N. A branch, not a store mask `mask_r & (this
+        # scalar condition)`: Triton >= 3.9's interpreter splats a scalar comparison into an int64
+        # block, and its store rejects a mask that is not boolean.
+        if (pid_n.to(tl.int64) + 1) * BLOCK_N > N:
+            col = tl.sum(tl.where(offs_n[None, :] == N, c_mul * acc, 0.0), axis=1)
+            if HAS_ADDCOL:
+                col += tl.load(addcol_ptr + offs_r * stride_addcol, mask=mask_r, other=0.0).to(DTYPE)
+            tl.store(outcol_ptr + offs_r * stride_outcol, col.to(outcol_ptr.dtype.element_ty), mask=mask_r)
 
 
 # Untuned (no GPU where this was written): the configs that compile without register spills for
