@@ -75,11 +75,22 @@ def _build_lines(running_torch: str) -> list[str]:
             "pip install --no-build-isolation --force-reinstall --no-deps ."
         )
     if info["cuda"] is None:
-        lines.append("  CUDA kernels not built (CPU kernels only)")
+        lines.append(f"  CUDA kernels not built (CPU kernels only): {_why_no_cuda()}")
     else:
         archs = ", ".join(f"sm_{int(a) // 10}" for a in info["cuda_archs"].split(","))
         lines.append(f"  CUDA kernels built for {archs} against CUDA {info['cuda']} headers")
     return lines
+
+
+def _why_no_cuda() -> str:
+    """setup.py's reason for leaving CUDA out, from the record it wrote beside _C."""
+    try:
+        from ._build_info import BUILD
+    except ImportError:
+        return "the build left no record (drep_kernels/_build_info.py) of why"
+    why = BUILD.get("cuda_skipped_because") or "FORCE_CUDA=0"
+    found = f"torch CUDA {BUILD.get('torch_cuda')}, nvcc {BUILD.get('nvcc')}, pip's CUDA headers {BUILD.get('pip_cuda_headers')}"
+    return f"{why} ({found})"
 
 
 def _forced_backend_problems(forced: str) -> list[str]:
