@@ -1,4 +1,4 @@
-"""What the Triton loss launcher must get right besides the math (issue: GPU-only bugs found in
+"""What the Triton launchers must get right besides the math (issue: GPU-only bugs found in
 the compiled kernels): autotuning that leaves no stale partial sums, no recompilation for a
 new seed or batch size, and 64-bit offsets where a product can pass 2^31."""
 from __future__ import annotations
@@ -142,3 +142,23 @@ def test_a_seed_read_by_the_kernel_equals_the_seed_passed_by_value():
             assert torch.equal(p, q), f"{name} differs for seed {seed}"
     other = tdl._denoise_loss(x, w, b, A, S, None, 4, True, tdl._denoise_loss_fwd_kernel, [BIG], BIG.kwargs)
     assert not torch.equal(other[0], by_value[0])  # the seed is really used
+
+
+@pytest.mark.slow
+def test_merge_offsets_past_2_31_elements():
+    # W (out x K) column-major with a column stride of 2^26: W[:, k] sits at k 2^26, past 2^31
+    # from k = 32 on (only the touched pages are ever mapped).
+    from drep_kernels.triton.merge_weights import merge_weights_fwd
+
+    out, K, stride = 4, 64, 2**26
+    g = torch.Generator().manual_seed(5)
+    vals = torch.randn(out, K, generator=g, dtype=torch.bfloat16)
+    w = torch.empty((K - 1) * stride + out, dtype=torch.bfloat16).as_strided((out, K), (1, stride))
+    w.copy_(vals)
+    wd = (torch.randn(K, K, generator=g) / K).to(torch.bfloat16)
+    bd = torch.randn(K, generator=g).to(torch.bfloat16)
+    mw, mb = merge_weights_fwd(w, None, wd, bd, 0.03, 1.01)
+    ew, eb = oracle.merge(vals.double(), None, wd.double(), bd.double(), 0.03, 1.01)
+    scale = float(ew.abs().max())
+    assert_close(mw, ew, 2 * torch.finfo(torch.bfloat16).eps, 1e-5 * scale, "merged weight")
+    assert_close(mb, eb, 2 * torch.finfo(torch.bfloat16).eps, 1e-5 * float(eb.abs().max()), "merged bias")

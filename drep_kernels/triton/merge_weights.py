@@ -60,7 +60,7 @@ def _merge_gemm_kernel(
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=DTYPE)
     for k0 in range(0, KR, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)  # int64: offs_k * stride_ak may pass 2^31
         mask_k = offs_k < KR
         a = tl.load(
             a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
