@@ -308,7 +308,39 @@ def _compile(src, target, options):
             return compiled, out.getvalue()
         if cached := cache.get_file(_PTXAS_LOG):
             return compiled, Path(cached).read_text()
-    raise RuntimeError("triton ran ptxas without printing its log (TRITON_DUMP_PTXAS_LOG)")
+    # A Triton whose knobs differ (3.9 served the build from its cache without running ptxas):
+    # run Triton's ptxas on the build's own PTX with the flags Triton passes it.
+    log = _ptxas_log(compiled.asm["ptx"])
+    get_cache_manager(compiled.hash).put(log, _PTXAS_LOG, binary=False)
+    return compiled, log
+
+
+def _ptxas_log(ptx: str) -> str:
+    """``ptxas -v`` of ``ptx`` by Triton's own ptxas, with Triton's flags (-lineinfo,
+    --regAllocOptLevel=2) and the PTX's own target; a ``.maxnreg`` travels in the PTX."""
+    import tempfile
+
+    import triton
+
+    target = re.search(r"^\.target\s+(\S+)", ptx, re.MULTILINE)
+    if target is None:
+        raise RuntimeError("the PTX names no .target")
+    arch = target.group(1).rstrip(",")
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = Path(get_ptxas(int(re.sub(r"\D", "", arch))).path)
+    except (ImportError, TypeError, AttributeError, ValueError):
+        pass
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        cmd = [str(ptxas), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", str(src), "-o", str(Path(tmp) / "k.cubin")]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode != 0 or "ptxas info" not in run.stderr + run.stdout:
+        raise RuntimeError(f"ptxas failed ({run.returncode}): {(run.stderr or run.stdout)[-500:]}")
+    return run.stderr + run.stdout
 
 
 def spill_stores(ptxas_log: str) -> int:
