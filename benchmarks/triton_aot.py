@@ -303,7 +303,7 @@ def _compile(src, target, options):
             triton.knobs.compilation.always_compile = always
             compiled = triton.compile(src, target=target, options=options.__dict__)
         cache = get_cache_manager(compiled.hash)
-        if "ptxas info" in out.getvalue():
+        if "spill stores" in out.getvalue():
             cache.put(out.getvalue(), _PTXAS_LOG, binary=False)
             return compiled, out.getvalue()
         if cached := cache.get_file(_PTXAS_LOG):
@@ -338,7 +338,7 @@ def _ptxas_log(ptx: str) -> str:
         src.write_text(ptx)
         cmd = [str(ptxas), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", str(src), "-o", str(Path(tmp) / "k.cubin")]
         run = subprocess.run(cmd, capture_output=True, text=True)
-    if run.returncode != 0 or "ptxas info" not in run.stderr + run.stdout:
+    if run.returncode != 0 or "spill stores" not in run.stderr + run.stdout:
         raise RuntimeError(f"ptxas failed ({run.returncode}): {(run.stderr or run.stdout)[-500:]}")
     return run.stderr + run.stdout
 

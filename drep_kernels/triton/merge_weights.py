@@ -59,20 +59,23 @@ def _merge_gemm_kernel(
     mask_r = offs_r < R
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=DTYPE)
+    # K offsets within a slice (< BLOCK_K) times the strides stay small; the slice's start moves
+    # the 64-bit pointers by a 64-bit step, so k * stride never forms in 32 bits (past 2^31 for
+    # a transposed operand) and no int64 block of offsets costs registers.
+    offs_kl = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_kl[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_kl[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    bcol_ptrs = bcol_ptr + offs_kl * stride_bcol
     for k0 in range(0, KR, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)  # int64: offs_k * stride_ak may pass 2^31
-        mask_k = offs_k < KR
-        a = tl.load(
-            a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-            mask=mask_r[:, None] & mask_k[None, :], other=0.0,
-        ).to(DTYPE)
-        b = tl.load(
-            b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
-            mask=mask_k[:, None] & mask_n[None, :], other=0.0,
-        ).to(DTYPE)
+        mask_k = k0 + offs_kl < KR
+        a = tl.load(a_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(DTYPE)
+        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(DTYPE)
         if HAS_BCOL:
-            bcol = tl.load(bcol_ptr + offs_k * stride_bcol, mask=mask_k, other=0.0).to(DTYPE)
+            bcol = tl.load(bcol_ptrs, mask=mask_k, other=0.0).to(DTYPE)
             b = tl.where(offs_n[None, :] == N, bcol[:, None], b)
+            bcol_ptrs += tl.cast(stride_bcol, tl.int64) * BLOCK_K
+        a_ptrs += tl.cast(stride_ak, tl.int64) * BLOCK_K
+        b_ptrs += tl.cast(stride_bk, tl.int64) * BLOCK_K
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=DTYPE)
 
     c_mul = join_scalar(c_mul_hi, c_mul_lo, DTYPE)
