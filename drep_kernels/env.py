@@ -66,14 +66,12 @@ def report() -> str:
 def _build_lines(running_torch: str) -> list[str]:
     """What the loaded extension says it was compiled against (its own build_info())."""
     from . import _C
+    from .backends import REBUILD
 
     info = _C.build_info()
     lines = [f"  built with torch {info['torch']}"]
     if info["torch"] != running_torch.split("+")[0]:
-        lines[0] += (
-            f"  <- MISMATCH: running torch {running_torch}; rebuild: "
-            "pip install --no-build-isolation --force-reinstall --no-deps ."
-        )
+        lines[0] += f"  <- MISMATCH: running torch {running_torch}; rebuild: {REBUILD}"
     if info["cuda"] is None:
         lines.append(f"  CUDA kernels not built (CPU kernels only): {_why_no_cuda()}")
     else:

@@ -37,6 +37,10 @@ def extension_error() -> str | None:
     return None
 
 
+# The command that rebuilds the extension against the running torch (env and the tests say it).
+REBUILD = "pip install --no-build-isolation --force-reinstall --no-deps ."
+
+
 def extension_diagnosis() -> str | None:
     """None when ``drep_kernels._C`` is loaded; else why not, and the command that fixes it
     (shown by ``python -m drep_kernels.env`` and by the test suite, which stops on it)."""
@@ -45,11 +49,10 @@ def extension_diagnosis() -> str | None:
         return None
     package_dir = Path(__file__).resolve().parents[1]
     built = any(package_dir.glob("_C.*.so")) or any(package_dir.glob("_C.*.pyd"))
-    rebuild = "pip install --no-build-isolation --force-reinstall --no-deps ."
     if "undefined symbol" in err or "version" in err.lower():
         why = (
             f"it was built against another torch than the one running ({torch.__version__}): an "
-            f"ABI mismatch. Fix: rebuild against this torch: {rebuild}"
+            f"ABI mismatch. Fix: rebuild against this torch: {REBUILD}"
         )
     elif not built and (package_dir.parent / "setup.py").exists():
         why = (
@@ -59,9 +62,9 @@ def extension_diagnosis() -> str | None:
             "or with pytest, whose conftest.py prefers the installed build"
         )
     elif not built:
-        why = f"the package at {package_dir} has no compiled _C (the build left it out or failed). Fix: {rebuild} -v"
+        why = f"the package at {package_dir} has no compiled _C (the build left it out or failed). Fix: {REBUILD} -v"
     else:
-        why = f"it did not load. Fix: {rebuild}"
+        why = f"it did not load. Fix: {REBUILD}"
     return f"drep_kernels._C is not usable: {why}. Import error: {err}"
 
 
