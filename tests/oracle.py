@@ -11,9 +11,20 @@ import torch
 from torch import Tensor
 
 
-def denoise_loss(x: Tensor, w_d: Tensor, b_d: Optional[Tensor], a: float, s: float, eps: Tensor) -> Tensor:
-    """L1 in float64; differentiable in w_d, b_d (x is detached)."""
+def _round(t: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
+    """t rounded once to dtype (a GEMM operand under the tensor-core precision policy), as float64."""
+    return t if dtype is None else t.to(dtype).double()
+
+
+def denoise_loss(
+    x: Tensor, w_d: Tensor, b_d: Optional[Tensor], a: float, s: float, eps: Tensor, gemm_dtype=None
+) -> Tensor:
+    """L1 in float64; differentiable in w_d, b_d (x is detached). With ``gemm_dtype`` (bf16 /
+    fp16 on tensor cores: docs/method.md, "Precision"), x_noisy is rounded once to it, from its
+    float32 value, as the kernels form it."""
     xn = a * x.detach().double().reshape(-1, x.shape[-1]) + s * eps.double().reshape(-1, x.shape[-1])
+    if gemm_dtype is not None:
+        xn = _round(xn.float(), gemm_dtype)
     p = xn @ w_d.double().T
     if b_d is not None:
         p = p + b_d.double()
@@ -23,13 +34,26 @@ def denoise_loss(x: Tensor, w_d: Tensor, b_d: Optional[Tensor], a: float, s: flo
     return d.abs().mean() + d.square().mean()
 
 
-def denoise_loss_grads(x, w_d, b_d, a, s, eps):
-    """(loss, dL/dW_d, dL/db_d or None) by autograd of L1, all float64."""
+def denoise_loss_grads(x, w_d, b_d, a, s, eps, gemm_dtype=None):
+    """(loss, dL/dW_d, dL/db_d or None) by autograd of L1, all float64.
+
+    With ``gemm_dtype``, the tensor-core policy's roundings: x_noisy as in ``denoise_loss``, and
+    dL/dW_d = G'^T x_noisy / n with G' = sign D + 2 D rounded once to gemm_dtype (float16 holds
+    G' 2^-14: exact, the same rounding as G' itself away from overflow). The rounding has no
+    derivative, so that product is written out here, from autograd's D."""
     w = w_d.detach().double().requires_grad_(True)
     b = b_d.detach().double().requires_grad_(True) if b_d is not None else None
-    loss = denoise_loss(x, w, b, a, s, eps)
+    loss = denoise_loss(x, w, b, a, s, eps, gemm_dtype)
     grads = torch.autograd.grad(loss, [w] + ([b] if b is not None else []))
-    return loss.detach(), grads[0], (grads[1] if b is not None else None)
+    grad_w = grads[0]
+    if gemm_dtype is not None:
+        k = x.shape[-1]
+        xn = _round((a * x.detach().double().reshape(-1, k) + s * eps.double().reshape(-1, k)).float(), gemm_dtype)
+        p = xn @ w_d.detach().double().T + (b_d.detach().double() if b_d is not None else 0)
+        d = p - eps.double().reshape(p.shape)
+        g1 = torch.sign(d) + 2 * d
+        grad_w = _round(g1.float(), gemm_dtype).T @ xn / max(d.numel(), 1)
+    return loss.detach(), grad_w, (grads[1] if b is not None else None)
 
 
 def two_step(x: Tensor, w: Tensor, b: Optional[Tensor], w_d: Tensor, b_d: Optional[Tensor], c1: float, c3: float) -> Tensor:

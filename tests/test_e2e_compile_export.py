@@ -1,5 +1,5 @@
 """torch.compile of a converted model (train and eval), torch.export and ONNX export of a fused
-one, and a bfloat16 autocast training step whose merge stays float32."""
+one, and a bfloat16 autocast training step whose merge stays float32 while its loss runs in bf16."""
 from __future__ import annotations
 
 import copy
@@ -114,7 +114,7 @@ def test_onnx_export_of_fused_model(tmp_path):
 def test_autocast_bf16_training_step_merges_in_float32(monkeypatch):
     model = _converted()
     dk.set_phase(model, "joint")
-    seen, seen_loss = [], []
+    seen, seen_loss, loss_grads = [], [], []
     real_merge, real_loss = reference.merge_weights_fwd, reference.denoise_loss_fwd
 
     def spy(weight, bias, denoise_weight, denoise_bias, c1, c3):
@@ -123,9 +123,13 @@ def test_autocast_bf16_training_step_merges_in_float32(monkeypatch):
         seen.append((dtypes, torch.is_autocast_enabled("cpu")))
         return real_merge(weight, bias, denoise_weight, denoise_bias, c1, c3)
 
-    def spy_loss(x, *args):
-        seen_loss.append((x.dtype, torch.is_autocast_enabled("cpu")))
-        return real_loss(x, *args)
+    def spy_loss(x, denoise_weight, denoise_bias, *args):
+        dtypes = {t.dtype for t in (x, denoise_weight, denoise_bias) if t is not None}
+        seen_loss.append((dtypes, torch.is_autocast_enabled("cpu")))
+        out = real_loss(x, denoise_weight, denoise_bias, *args)
+        assert {t.dtype for t in out} == {torch.float32}  # the loss and its gradients: float32
+        loss_grads.append(out[1])
+        return out
 
     monkeypatch.setenv("DREP_BACKEND", "torch")
     monkeypatch.setattr(reference, "merge_weights_fwd", spy)
@@ -138,7 +142,9 @@ def test_autocast_bf16_training_step_merges_in_float32(monkeypatch):
         loss = F.cross_entropy(out, y) + 0.01 * dk.denoise_loss(model)
     assert out.dtype == torch.bfloat16
     assert seen == [({torch.float32}, False)] * 4
-    assert seen_loss == [(torch.float32, False)] * 4
+    # The loss gets the autocast dtype's rows and denoiser (GEMMs on tensor cores on a GPU; no
+    # float32 copy of the rows), and runs with autocast off.
+    assert seen_loss == [({torch.bfloat16}, False)] * 4
     # The merged weights are the float32 merge, not one of bf16 inputs.
     with torch.no_grad():
         layers = [m for m in model.modules() if isinstance(m, dk.model.DENOISE_TYPES)]
@@ -151,6 +157,9 @@ def test_autocast_bf16_training_step_merges_in_float32(monkeypatch):
     loss.backward()
     for p in model.parameters():
         assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+    # W_d's gradient is the op's float32 dL/dW_d times the loss weight, never rounded to bf16.
+    for layer, grad in zip(layers, loss_grads):
+        assert torch.equal(layer.denoise_weight.grad, torch.tensor(0.01) * grad)
     opt.step()
 
 

@@ -3,7 +3,11 @@
 It is the oracle every other backend is tested against, and the fallback that works for any
 device and dtype. Each function here is a *kernel*: it receives validated 2-D inputs from
 ``drep_kernels.ops`` and returns plain tensors; autograd lives in ``drep_kernels.ops``.
-Half-precision inputs are computed in float32, float64 inputs in float64.
+The loss follows the precision policy (``drep_kernels.precision``) with its roundings: on CUDA
+tensors, half-precision inputs have x_noisy and G' rounded to the input dtype as the GEMM
+operands (the tensor-core policy of the cuda and triton backends), on CPU tensors they are
+computed in float32 (the cpu backend's); float64 is float64 throughout. The merge is computed in
+float32 (float64) from the weights as given.
 """
 from __future__ import annotations
 
@@ -12,11 +16,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import rng
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .. import precision, rng
+from ..precision import accumulate_dtype as compute_dtype
 
 
 def noise_for(x: Tensor, noise: Optional[Tensor], seed: Tensor) -> Tensor:
@@ -46,7 +47,9 @@ def denoise_loss_fwd(
     cdt = compute_dtype(x.dtype)
     M, K = x.shape
     eps = noise_for(x, noise, seed)
-    x_noisy = a * x.to(cdt) + s * eps
+    gemm = precision.gemm_dtype(x.dtype, precision.on_tensor_cores("torch", x.device))
+    # The policy's one rounding of GEMM 1's operand (W_d is in the input dtype already).
+    x_noisy = precision.round_to_gemm(a * x.to(cdt) + s * eps, gemm)
     p = x_noisy @ denoise_weight.to(cdt).T
     if denoise_bias is not None:
         p = p + denoise_bias.to(cdt)
@@ -55,9 +58,11 @@ def denoise_loss_fwd(
     loss = (D.abs().sum() + D.square().sum()) / n
     if not compute_grad:
         return loss, x.new_empty(0, dtype=cdt), x.new_empty(0, dtype=cdt)
-    G = (torch.sign(D) + 2.0 * D) / n
-    grad_weight = G.T @ x_noisy
-    grad_bias = G.sum(0) if denoise_bias is not None else x.new_empty(0, dtype=cdt)
+    G1 = torch.sign(D) + 2.0 * D  # L2's G without its 1 / n
+    # GEMM 2 takes G' as stored in the GEMM dtype (float16 scaled: precision.grad_to_gemm).
+    G1_gemm = precision.grad_to_gemm(G1, gemm).to(cdt)
+    grad_weight = (G1_gemm.T @ x_noisy) / (n * precision.grad_scale(gemm))
+    grad_bias = G1.sum(0) / n if denoise_bias is not None else x.new_empty(0, dtype=cdt)
     return loss, grad_weight, grad_bias
 
 

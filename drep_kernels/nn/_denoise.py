@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .. import precision
 from ..backends import select
 from ..ops.denoise_loss import denoise_loss_op, flat_noise_and_seed
 from ..schedule import Coefficients, Schedule
@@ -22,12 +23,24 @@ _INITS = ("zeros", "linear")
 FUSED = "_drep_fused"
 
 
+@torch.compiler.assume_constant_result  # a property of the device type: no graph break (torch 2.11
+def _autocast_available(device_type: str) -> bool:  # cannot trace the builtin it calls)
+    return torch.amp.is_autocast_available(device_type)
+
+
 def autocast_off(device: torch.device):
-    """A context without autocast on ``device``: the ops then compute in the dtype they specify
-    (float32 for half inputs). Under autocast the kernels' own matmuls would run in bf16/fp16."""
-    if torch.amp.is_autocast_available(device.type):
+    """A context without autocast on ``device``: the ops then compute in the dtypes they specify
+    (docs/method.md, "Precision"); under autocast the torch backend's matmuls would be recast."""
+    if _autocast_available(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype autocast runs matmuls in on ``device`` (bf16 / fp16), or None when it is off."""
+    if _autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
 
 
 class DenoiseLayerMixin:
@@ -199,17 +212,32 @@ class DenoiseLayerMixin:
         )
 
     def _loss_terms(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(loss, dL/dW_d, dL/db_d) of L1/L2 on the (M, K) rows, computed in float32 (float64)
-        as the op specifies: with autocast off, on the rows cast to the denoiser's dtype. For
-        callers that cannot go through ``linear_denoise`` (autocast, DenoiseConv2d)."""
-        rows = rows.detach().to(self.denoise_weight.dtype)
+        """(loss, dL/dW_d, dL/db_d) of L1/L2 on the (M, K) rows, as the op computes them (with
+        autocast off). For callers that cannot go through ``linear_denoise`` (autocast,
+        DenoiseConv2d).
+
+        Under autocast the rows come in the autocast dtype (``autocast_rows``) and W_d, b_d are
+        cast to it, as autocast casts a Linear's parameters: the op's GEMMs then run in bf16 /
+        fp16 on tensor cores (docs/method.md, "Precision"), with no float32 copy of the rows.
+        The gradients come out of the op in float32 whatever the dtype, so the float32
+        parameters lose nothing by the cast. Otherwise the rows are cast to the denoiser's dtype."""
+        rows = rows.detach()
+        wd, bd = self.denoise_weight, self.denoise_bias
+        if rows.dtype in precision.HALF_DTYPES and wd.dtype == torch.float32:
+            wd = wd.detach().to(rows.dtype)
+            bd = bd.detach().to(rows.dtype) if bd is not None else None
+        else:
+            rows = rows.to(wd.dtype)
         noise, seed = flat_noise_and_seed(rows, None, None)
         co = self.coefficients
         with torch.no_grad(), autocast_off(rows.device):  # the gradients come out of the op itself
-            return denoise_loss_op(
-                rows, self.denoise_weight, self.denoise_bias, co.a, co.s, noise, seed,
-                select("denoise_loss", rows.device), True,
-            )
+            return denoise_loss_op(rows, wd, bd, co.a, co.s, noise, seed, select("denoise_loss", rows.device), True)
+
+    def autocast_rows(self, x: Tensor) -> Tensor:
+        """x as a layer's matmul sees it under autocast: float32 cast to the autocast dtype
+        (once, for both the layer and its loss); x itself without autocast or in another dtype."""
+        dtype = autocast_dtype(x.device)
+        return x.to(dtype) if dtype is not None and x.dtype == torch.float32 else x
 
     def _stash_loss(self, value: Tensor, grad_dw: Tensor, grad_db: Tensor) -> None:
         """Keep the loss as (value, dL/dW_d, dL/db_d) sums, never as a graph.

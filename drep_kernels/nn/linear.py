@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import ops
 from ..schedule import Schedule
-from ._denoise import DenoiseLayerMixin
+from ._denoise import DenoiseLayerMixin, autocast_dtype
 
 
 class DenoiseLinear(DenoiseLayerMixin, nn.Linear):
@@ -105,9 +105,10 @@ class DenoiseLinear(DenoiseLayerMixin, nn.Linear):
         if not self._wants_loss():
             # Nothing could receive the denoising loss's gradient: do not compute it.
             return F.linear(x, *merged)
-        if torch.is_autocast_enabled(x.device.type):
-            # Autocast: the layer runs as autocast says (x may arrive in bf16 while the
-            # parameters and the merge stay float32); the loss runs as its op specifies.
+        if autocast_dtype(x.device) is not None:
+            # Autocast: the layer runs as autocast says (the parameters and the merge stay
+            # float32); its loss gets the same autocast-dtype rows as its matmul (_loss_terms).
+            x = self.autocast_rows(x)
             self._stash_loss(*self._loss_terms(x.reshape(-1, self.in_features)))
             return F.linear(x, *merged)
         y, loss, grad_dw, grad_db = ops.linear_denoise(

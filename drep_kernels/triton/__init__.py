@@ -3,14 +3,15 @@
 Kernel functions with the torch backend's signatures and semantics
 (``drep_kernels/backends/reference.py``):
 
-- ``denoise_loss_fwd``   (denoise_loss.py): L1 and L2 in one launch, eps drawn in-kernel (N1);
+- ``denoise_loss_fwd``   (denoise_loss.py): L1 and L2, three tensor-core launches per row chunk,
+  eps drawn in-kernel (N1);
 - ``merge_weights_fwd``  (merge_weights.py): M1 and M2 in one launch;
 - ``merge_weights_bwd``  (merge_weights.py): M3, and M4 with M5, one launch each.
 
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (set before this module
-is imported). float16 / bfloat16 / float32 inputs are computed in float32 (the dot's input
-precision follows torch's float32 matmul setting: ``_common.input_precision``), float64 in
-float64. The backend registry imports this module only when the triton backend is used, so
+is imported). Dtypes follow the tensor-core precision policy (``drep_kernels.precision``):
+bf16 / fp16 GEMM operands as they are, float32 ones as TF32 exactly when torch's float32
+matmuls use it, float32 accumulation (float64 for float64). The backend registry imports this module only when the triton backend is used, so
 ``import drep_kernels`` never needs triton.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Helpers shared by the Triton launchers: run mode, block configs, precision, scalars."""
+"""Helpers shared by the Triton launchers: run mode, block configs, dtypes, scalars."""
 from __future__ import annotations
 
 import os
@@ -18,34 +18,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = not INTERPRET and os.environ.get("DREP_TRITON_AUTOTUNE", "1") != "0"
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 inputs, float32 otherwise (as the torch backend)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def input_precision(dtype: torch.dtype) -> str:
-    """The ``tl.dot`` input precision for the compute dtype ``dtype``.
-
-    float64 is always computed in IEEE float64. float32 follows torch's own float32 matmul
-    setting, so the Triton backend rounds as torch's matmuls do: IEEE by default (exact, but
-    tl.dot then runs on the CUDA cores, not the tensor cores), TF32 after
-    ``torch.backends.cuda.matmul.fp32_precision = "tf32"`` or
-    ``torch.set_float32_matmul_precision("high")`` (fast; operands rounded to 10-bit mantissas,
-    about 1e-3 relative, beyond the float32 test tolerance: the tests run with the default).
-    float16 / bfloat16 inputs are computed in float32 too (the torch backend's semantics), not
-    fed to the dot in their own dtype: rounding x_noisy = a x + s eps to 8 bits of mantissa
-    would erase much of s eps at the early steps (s = 0.01 at t = 1), the very signal the
-    denoiser learns from.
-    """
-    if dtype == torch.float64:
-        return "ieee"
-    try:
-        p = torch.backends.cuda.matmul.fp32_precision
-        if p == "none":  # inherits the global setting
-            p = torch.backends.fp32_precision
-        return "tf32" if p == "tf32" else "ieee"
-    except (AttributeError, RuntimeError):  # torch without the fp32_precision API
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+def tl_dtype(dtype: torch.dtype):
+    """The Triton dtype of a torch floating dtype."""
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}[dtype]
 
 
 def split_scalar(value: float) -> tuple[float, float]:
@@ -54,6 +29,34 @@ def split_scalar(value: float) -> tuple[float, float]:
     hi = float(torch.tensor(value, dtype=torch.float32))
     lo = float(torch.tensor(value - hi, dtype=torch.float32))
     return hi, lo
+
+
+# For kernels: whether they run in the interpreter (a global constexpr, read at compile time).
+_INTERPRETED = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def dot(a, b, acc, INPUT_PRECISION: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """acc + a @ b: tl.dot, with one exception. Triton's interpreter (3.6 to 3.9) multiplies
+    bfloat16 operands as their raw 16-bit integers; there they are widened to float32 first,
+    which gives the tensor cores' result (bf16 products are exact in float32), summed in
+    another order. Compiled kernels are unaffected: the branch is resolved at compile time."""
+    if _INTERPRETED and a.dtype == tl.bfloat16:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=OUT_DTYPE)
+
+
+@triton.jit
+def rounded(x, DTYPE: tl.constexpr):
+    """x (float32 or float64) rounded to nearest even in DTYPE, as a GPU's conversion does.
+    Triton's interpreter (3.6 to 3.9) truncates float32 to bfloat16 instead: there the rounding
+    is done on the bits (exact for every finite value, inf and NaN)."""
+    if _INTERPRETED and DTYPE == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)  # exact: the low bits are 0
+    return x.to(DTYPE)
 
 
 @triton.jit

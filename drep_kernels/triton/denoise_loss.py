@@ -1,36 +1,31 @@
-"""Triton denoising loss (docs/method.md, L1 and L2) in one kernel launch.
+"""Triton denoising loss (docs/method.md, L1 and L2): three tensor-core launches per row chunk.
 
-One program owns a column block n of p = x_noisy W_d^T + b_d and a group of row blocks m
-(blocks pid_s, pid_s + S, pid_s + 2S, ...). Per row block it
+x (M x K) is processed in chunks of R rows (R K <= ``CHUNK_ELEMS``, R a multiple of 128), in
+order. Per chunk, with GEMM dtype T (the input dtype, ``drep_kernels.precision``):
 
-1. accumulates the p tile over K-slices, forming x_noisy = a x + s eps in registers from x and
-   eps from N1 (tl.randn4x, four elements per Philox call): nothing of size M x K is written;
-2. in the epilogue adds b_d, regenerates eps for the tile's own elements, forms D = p - eps and
-   adds |D| and D^2 into per-program partial sums (loss, L1);
-3. with gradients: G~ = sign D + 2 D (L2 without its 1/(M K), applied once to the K x K sums
-   instead of to M x K elements), adds its column sums into db_d's partial, and for every
-   K-slice adds G~^T x_noisy (x_noisy regenerated) into the program's own rows n of a
-   per-group partial dW_d buffer.
+1. ``_noisy_input_kernel``: x_noisy = a x + s eps (L1) formed in float32 (float64), rounded
+   once to T into the chunk buffer (R x K, row-major). eps is N1's stream, tl.randn4x: one
+   Philox call per four elements, or the given noise; x and noise are read through strides.
+2. ``_loss_gemm_kernel``: p = x_noisy W_d^T on tensor cores (bf16 / fp16 operands, or TF32 /
+   IEEE float32 as torch's matmuls; float32 accumulation), and in the epilogue, with p still in
+   registers: + b_d, eps regenerated for the tile (one Philox call per four elements, the same
+   code as step 1, so bit-for-bit the same eps), D = p - eps, the program's sums of |D| and D^2,
+   and with gradients G' = sign D + 2 D: its column sums (db_d) and G' itself, written in T over
+   the chunk's G' buffer (float16: times 2^-14, saturating). p never reaches memory.
+3. ``_grad_gemm_kernel``: dL/dW_d += G'^T x_noisy, float32 accumulation on tensor cores, into
+   the K x K float32 result in place (chunk 0 writes it, later chunks add: beta = 1).
 
-Gradients in the same pass, not in a second kernel (a choice made by reasoning: it was written
-on a machine without a GPU, and the interpreter's speed says nothing about a GPU's). The p tile,
-and so G, of a (row block, column block) pair exists only inside the program that computed it,
-and G may not be written out (M x K). A second kernel owning a dW_d tile (n, k) would need
-G[m, n] for every m: it would recompute p, a third M x K x K GEMM above the two-GEMM floor
-(docs/method.md section 4), or even once per k-block if it kept its dW_d tile in registers.
-The same pass costs instead (a) accumulating dW_d's rows n in global memory, one read and write
-of a BLOCK_N x K float32 strip per row block ((M / BLOCK_M) K^2 8 bytes in all, mostly L2
-hits), and (b) generating eps twice per (element, column block) rather than once; a second
-kernel recomputing p would pay (b) as well. The RNG is the cost to watch: Philox is 10 rounds
-of 32-bit multiplies per four elements, regenerated K / BLOCK_N times, against 2 BLOCK_N
-tensor-core FLOPs per regenerated element, so wide column blocks (BLOCK_N = 128, 256) would
-matter, but none of those compiles without spills today (benchmarks/results/triton-aot-sm80-sm90.md):
-the shipped config is 64 x 64. To be measured and tuned on an H100 / H200.
+Per element of x (bf16): x read once (2 B) and the noise drawn once in step 1; x_noisy written
+(2 B) and read by both GEMMs; eps drawn once more in step 2's epilogue; G' written (2 B) and
+read once. Two Philox calls per four elements in all, 2 M K^2 FLOPs per GEMM, three launches
+per chunk plus the host's final sums. Nothing of size M x K outlives the call; the workspace is
+two R x K buffers in T (at most 32 MiB for bf16 / fp16, 64 MiB float32, 128 MiB float64), the
+K x K result and per-program partial sums. benchmarks/costmodel.py counts the same per shape.
 
-Determinism: no atomics. Each group owns its partial dW_d / db_d slice and each program its
-loss partial; the slices are summed in a fixed order afterwards (torch.sum over a fixed-shape
-buffer is deterministic). The result depends on the config (block sizes, S), which is fixed
-per shape once autotuned (DREP_TRITON_AUTOTUNE=0 pins it across processes).
+Determinism: no atomics. Every program writes its own partial-sum cells, which the host sums in
+a fixed order (torch.sum over a fixed-shape buffer); each dW_d tile is owned by one program that
+walks the chunk's rows in order, and chunks are added in order. Results depend on the config
+(block sizes), fixed per shape once autotuned (DREP_TRITON_AUTOTUNE=0 pins the default).
 """
 from __future__ import annotations
 
@@ -41,9 +36,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import rng
+from .. import precision, rng
 from . import _common
-from ._common import join_scalar
+from ._common import dot, join_scalar, rounded, tl_dtype
+
+# Chunk budget in elements (rows are a multiple of 128, at least 128). Tests lower it to run
+# several chunks on small shapes.
+CHUNK_ELEMS = 1 << 23
+_ROW_QUANTUM = 128  # chunk rows are a multiple of every BLOCK_M: row blocks never straddle chunks
 
 
 @triton.jit
@@ -51,7 +51,7 @@ def _eps_tile(
     noise_ptr, offs_m, k_start, mask, K, seed, stride_em, stride_ek,
     BLOCK: tl.constexpr, HAS_NOISE: tl.constexpr, DTYPE: tl.constexpr,
 ):
-    """eps at rows offs_m, columns k_start .. k_start + BLOCK - 1: the given noise, or N1.
+    """eps at rows offs_m (int64), columns k_start .. k_start + BLOCK - 1: the given noise, or N1.
 
     N1: column group q of row m is tl.randn4x(seed, m ceil(K / 4) + q); k_start is a multiple
     of BLOCK, itself a multiple of 4, so the tile holds whole groups: one Philox call per four
@@ -72,167 +72,188 @@ def _eps_tile(
 
 
 @triton.jit
-def _noisy_tile(
-    x_ptr, noise_ptr, offs_m, k_start, mask, K, seed, a, s,
-    stride_xm, stride_xk, stride_em, stride_ek, BLOCK: tl.constexpr, HAS_NOISE: tl.constexpr, DTYPE: tl.constexpr,
-):
-    """x_noisy = a x + s eps (L1) at columns k_start .., 0 outside the matrix (out-of-range
-    eps is not 0)."""
-    offs_k = k_start + tl.arange(0, BLOCK).to(tl.int64)  # int64: offs_k * stride_xk may pass 2^31
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
-    eps = _eps_tile(noise_ptr, offs_m, k_start, mask, K, seed, stride_em, stride_ek, BLOCK, HAS_NOISE, DTYPE)
-    return tl.where(mask, a * x.to(DTYPE) + s * eps, 0.0)
+def _seed(seed, seed_ptr, SEED_FROM_PTR: tl.constexpr):
+    # A seed drawn on the device is read here, never on the host, so a captured CUDA graph
+    # replays the draw (a new seed every replay), not one frozen value.
+    if SEED_FROM_PTR:
+        seed = tl.load(seed_ptr)
+    return seed
 
 
-# Arguments that change from call to call (the seed every step, M with the batch): Triton must
-# not specialize on their values (== 1, divisible by 16), or a new value compiles a new kernel
-# (5 to 140 s) in the middle of training; the seed is typed int64 so that its width does not
-# depend on its value either. K and the strides stay specialized: they are fixed per layer.
-_DATA_ARGS = ("seed", "M")
+# Arguments that change from call to call (the seed every step, rows with the batch and the
+# chunk): Triton must not specialize on their values (== 1, divisible by 16), or a new value
+# compiles a new kernel (5 to 140 s) in the middle of training; the seed is typed int64 so that
+# its width does not depend on its value either. K and the strides stay specialized: they are
+# fixed per layer.
+_DATA_ARGS = ("seed", "row0", "R")
 
 
 @triton.jit(do_not_specialize=_DATA_ARGS)
-def _denoise_loss_fwd_kernel(
-    x_ptr, wd_ptr, bd_ptr, noise_ptr,
-    loss_part_ptr, dw_part_ptr, db_part_ptr,
-    M, K, seed: tl.int64, seed_ptr, a_hi, a_lo, s_hi, s_lo,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_em, stride_ek,
-    loss_part_stride,
-    HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
-    DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _noisy_input_kernel(
+    x_ptr, noise_ptr, xn_ptr,
+    row0, R, K, seed: tl.int64, seed_ptr, a_hi, a_lo, s_hi, s_lo,
+    stride_xm, stride_xk, stride_em, stride_ek,
+    HAS_NOISE: tl.constexpr, SEED_FROM_PTR: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    if SEED_FROM_PTR:
-        # A seed drawn on the device: read here, never on the host, so a captured CUDA graph
-        # replays the draw (a new seed every replay), not one frozen value.
-        seed = tl.load(seed_ptr)
-    # L1: p = (a x + s eps) W_d^T + b_d, D = p - eps, partial sums of |D| and D^2.
-    # L2 (COMPUTE_GRAD): partial sums of G~ = sign D + 2 D over rows (db_d) and of G~^T x_noisy (dW_d).
-    pid_s = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    num_groups = tl.num_programs(0)
-    a = join_scalar(a_hi, a_lo, DTYPE)
-    s = join_scalar(s_hi, s_lo, DTYPE)
+    # L1's x_noisy = a x + s eps for rows row0 .. row0 + R - 1, rounded once to xn's dtype.
+    seed = _seed(seed, seed_ptr, SEED_FROM_PTR)
+    offs_r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows within the chunk
+    k0 = tl.program_id(1) * BLOCK_K
+    # int64 columns and rows of x: x is the whole M x K input, any strides (past 2^31 elements).
+    offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+    offs_m = row0 + offs_r.to(tl.int64)
+    mask = (offs_r < R)[:, None] & (offs_k < K)[None, :]
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
+    eps = _eps_tile(noise_ptr, offs_m, k0, mask, K, seed, stride_em, stride_ek, BLOCK_K, HAS_NOISE, ACC_DTYPE)
+    a = join_scalar(a_hi, a_lo, ACC_DTYPE)
+    s = join_scalar(s_hi, s_lo, ACC_DTYPE)
+    xn = a * x.to(ACC_DTYPE) + s * eps
+    # Chunk offsets r K + k stay below R K <= 2^31 (checked on the host): int32 is enough.
+    ptrs = xn_ptr + offs_r[:, None] * K + offs_k[None, :]
+    tl.store(ptrs, rounded(xn, xn_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=_DATA_ARGS)
+def _loss_gemm_kernel(
+    xn_ptr, wd_ptr, bd_ptr, noise_ptr, g_ptr, loss_part_ptr, db_part_ptr,
+    row0, R, K, seed: tl.int64, seed_ptr, grad_scale,
+    stride_wn, stride_wk, stride_b, stride_em, stride_ek, part_cols,
+    HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
+    GEMM_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, SATURATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # L1: p = x_noisy W_d^T + b_d, D = p - eps, the program's sums of |D| and D^2.
+    # L2 (COMPUTE_GRAD): G' = sign D + 2 D, its column sums (db_d) and G' in GEMM_DTYPE.
+    seed = _seed(seed, seed_ptr, SEED_FROM_PTR)
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(R, BLOCK_M)
+    num_pid_n = tl.cdiv(K, BLOCK_N)
+    # Grouped order: GROUP_M row blocks share each W_d column block while it is in L2.
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_m = (pid // num_pid_in_group) * GROUP_M
+    group_size = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % num_pid_in_group) % group_size
+    pid_n = (pid % num_pid_in_group) // group_size
+
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_r = offs_r < R
+    mask_n = offs_n < K
+    offs_kl = tl.arange(0, BLOCK_K)
+    # W_d^T's element (k, n) is W_d[n, k]; offsets below K^2 + K (int32: K x K fits in 8 GiB).
+    xn_ptrs = xn_ptr + offs_r[:, None] * K + offs_kl[None, :]
+    w_ptrs = wd_ptr + offs_n[None, :] * stride_wn + offs_kl[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = k0 + offs_kl < K
+        xn = tl.load(xn_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(GEMM_DTYPE)
+        acc = dot(xn, w, acc, INPUT_PRECISION, ACC_DTYPE)
+        xn_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+
+    if HAS_BIAS:
+        acc += tl.load(bd_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
+    mask = mask_r[:, None] & mask_n[None, :]
+    offs_m = row0 + offs_r.to(tl.int64)  # N1 counts rows of the whole input (int64 counters)
+    eps = _eps_tile(noise_ptr, offs_m, pid_n * BLOCK_N, mask, K, seed, stride_em, stride_ek, BLOCK_N, HAS_NOISE, ACC_DTYPE)
+    d = tl.where(mask, acc - eps, 0.0)
+    part = (pid_m.to(tl.int64) * part_cols + pid_n) * 2
+    tl.store(loss_part_ptr + part, tl.sum(tl.sum(tl.abs(d), axis=1), axis=0))
+    tl.store(loss_part_ptr + part + 1, tl.sum(tl.sum(d * d, axis=1), axis=0))
+    if COMPUTE_GRAD:
+        g = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)).to(ACC_DTYPE) + 2.0 * d  # sign(0) = 0
+        if HAS_BIAS:
+            tl.store(db_part_ptr + pid_m.to(tl.int64) * K + offs_n, tl.sum(g, axis=0), mask=mask_n)
+        g = g * grad_scale
+        if SATURATE:  # float16: its largest finite value instead of inf; NaN stays NaN
+            g = tl.where(g != g, g, tl.minimum(tl.maximum(g, -65504.0), 65504.0))
+        tl.store(g_ptr + offs_r[:, None] * K + offs_n[None, :], rounded(g, GEMM_DTYPE), mask=mask)
+
+
+@triton.jit(do_not_specialize=("R",))
+def _grad_gemm_kernel(
+    g_ptr, xn_ptr, dw_ptr, R, K,
+    ACCUMULATE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_N: tl.constexpr,
+):
+    # L2: dW_d[n, k] (+)= sum over the chunk's rows r of G'[r, n] x_noisy[r, k], in ACC_DTYPE.
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(K, BLOCK_N)
+    num_pid_k = tl.cdiv(K, BLOCK_K)
+    num_pid_in_group = GROUP_N * num_pid_k
+    first_n = (pid // num_pid_in_group) * GROUP_N
+    group_size = min(num_pid_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % num_pid_in_group) % group_size
+    pid_k = (pid % num_pid_in_group) // group_size
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_n = offs_n < K
-    if HAS_BIAS:
-        bias = tl.load(bd_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(DTYPE)
-    # Running sums of |D| and D^2, one per program: BLOCK_M x BLOCK_N accumulators would hold two
-    # more tiles in registers across the whole loop for sums only read at the end (ptxas spills).
-    abs_sum = tl.zeros((), dtype=DTYPE)
-    sq_sum = tl.zeros((), dtype=DTYPE)
-    db_acc = tl.zeros((BLOCK_N,), dtype=DTYPE)
-
-    for mb in range(pid_s, tl.cdiv(M, BLOCK_M), num_groups):
-        # int64 rows: N1's counters m ceil(K / 4) + q and the row offsets overflow int32 for big M K.
-        offs_m = tl.cast(mb, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=DTYPE)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            xn = _noisy_tile(
-                x_ptr, noise_ptr, offs_m, k0, mask_m[:, None] & mask_k[None, :], K, seed, a, s,
-                stride_xm, stride_xk, stride_em, stride_ek, BLOCK_K, HAS_NOISE, DTYPE,
-            )
-            # The W_d^T tile: element (k, n) is W_d[n, k] (offsets below K^2 + K: int32 is enough
-            # for any K that fits a K x K float32 matrix in 8 GiB).
-            w_ptrs = wd_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
-            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(DTYPE)
-            acc = tl.dot(xn, w, acc, input_precision=INPUT_PRECISION, out_dtype=DTYPE)
-        if HAS_BIAS:
-            acc += bias[None, :]
-        mask_mn = mask_m[:, None] & mask_n[None, :]
-        # The output tile's own eps: p's column n is eps's column n (both have width K).
-        eps = _eps_tile(
-            noise_ptr, offs_m, pid_n * BLOCK_N, mask_mn, K, seed, stride_em, stride_ek, BLOCK_N, HAS_NOISE, DTYPE,
-        )
-        d = tl.where(mask_mn, acc - eps, 0.0)
-        abs_sum += tl.sum(tl.sum(tl.abs(d), axis=1), axis=0)
-        sq_sum += tl.sum(tl.sum(d * d, axis=1), axis=0)
-        if COMPUTE_GRAD:
-            g = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)).to(DTYPE) + 2.0 * d  # sign(0) = 0
-            db_acc += tl.sum(g, axis=0)
-            g_t = tl.trans(g)
-            dw_rows = dw_part_ptr + pid_s.to(tl.int64) * K * K + offs_n[:, None].to(tl.int64) * K
-            for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < K
-                xn = _noisy_tile(
-                    x_ptr, noise_ptr, offs_m, k0, mask_m[:, None] & mask_k[None, :], K, seed, a, s,
-                    stride_xm, stride_xk, stride_em, stride_ek, BLOCK_K, HAS_NOISE, DTYPE,
-                )
-                ptrs = dw_rows + offs_k[None, :]
-                mask_nk = mask_n[:, None] & mask_k[None, :]
-                part = tl.load(ptrs, mask=mask_nk, other=0.0)
-                part = tl.dot(g_t, xn, part, input_precision=INPUT_PRECISION, out_dtype=DTYPE)
-                tl.store(ptrs, part, mask=mask_nk)
-                # This program alone owns these dW_d rows, but the threads that store an element
-                # need not be the ones that load it for the next row block: make the stores
-                # visible block-wide before that read (a __syncthreads; no-op when interpreted).
-                tl.debug_barrier()
-
-    loss_idx = pid_s.to(tl.int64) * loss_part_stride + pid_n
-    tl.store(loss_part_ptr + 2 * loss_idx, abs_sum)
-    tl.store(loss_part_ptr + 2 * loss_idx + 1, sq_sum)
-    if COMPUTE_GRAD:
-        if HAS_BIAS:
-            tl.store(db_part_ptr + pid_s.to(tl.int64) * K + offs_n, db_acc, mask=mask_n)
+    mask_k = offs_k < K
+    offs_rl = tl.arange(0, BLOCK_R)
+    gt_ptrs = g_ptr + offs_rl[None, :] * K + offs_n[:, None]  # G'^T: (n, r) reads G'[r, n]
+    xn_ptrs = xn_ptr + offs_rl[:, None] * K + offs_k[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
+    for r0 in range(0, R, BLOCK_R):
+        mask_r = r0 + offs_rl < R
+        gt = tl.load(gt_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        xn = tl.load(xn_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+        acc = dot(gt, xn, acc, INPUT_PRECISION, ACC_DTYPE)
+        gt_ptrs += BLOCK_R * K
+        xn_ptrs += BLOCK_R * K
+    mask = mask_n[:, None] & mask_k[None, :]
+    dw_ptrs = dw_ptr + offs_n[:, None] * K + offs_k[None, :]
+    if ACCUMULATE:  # beta = 1: the chunks before this one
+        acc += tl.load(dw_ptrs, mask=mask, other=0.0)
+    tl.store(dw_ptrs, acc, mask=mask)
 
 
-# Untuned (no GPU where this was written): the configs that compile without register spills for
-# sm_80 and sm_90 on every dtype path (python -m benchmarks.triton_aot, tests/test_triton_aot.py;
-# table in benchmarks/results/triton-aot-sm80-sm90.md). A program holds the p tile, then G~, its
-# transpose and a (BLOCK_N, BLOCK_K) dW_d slice, and the IEEE float32 dot (the float32 default,
-# and bf16 / fp16, computed in float32) runs on FMA units, each thread holding its rows and
-# columns of both operands in registers (the second dot reduces over BLOCK_M): BLOCK_K = 32,
-# 4 warps, or 128-wide tiles spill on the IEEE or float64 paths. maxnreg: without a register cap
-# ptxas -O3 picks its own target, trading spills for occupancy; that is why 128 x 128 tiles came
-# out at 32 registers with KBs of spills (nothing in the PTX forced 32: .reqntid 256 allows 255)
-# and why these tiles spilled a few bytes at 128 registers (float64, L1 only). With .maxnreg it
-# keeps them in registers (about 130 to 230: one 256-thread block per SM, as most builds had
-# anyway). BLOCK_M = BLOCK_N = 64: TF32 runs on wgmma on sm_90 (64 rows per warp group).
-_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=8, num_stages=st, maxnreg=255)
-    for st in (3, 2)
+# Untuned (no GPU where this was written): configs that compile without spills for sm_80 and
+# sm_90 on every dtype path (python -m benchmarks.triton_aot; benchmarks/results/triton-aot-sm80-sm90.md).
+_NOISY_CONFIG = {"BLOCK_M": 32, "BLOCK_K": 128}
+_NOISY_WARPS = 4
+_LOSS_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
 ]
-_DEFAULT = _CONFIGS[0]
-_INTERPRET = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
-_ACTIVE = _common.config(_CONFIGS, _DEFAULT, _INTERPRET)
+_GRAD_CONFIGS = [
+    triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_N": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_N": 8}, num_warps=4, num_stages=3),
+]
+_LOSS_INTERPRET = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1)
+_GRAD_INTERPRET = triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_R": 32, "GROUP_N": 2}, num_warps=4, num_stages=1)
 
 
-
-def autotuned(configs: list[triton.Config], **autotune_options):
-    """The loss kernel autotuned over ``configs``. Every buffer it writes partial sums into is
-    zeroed before each timed config and again before the real launch (triton >= 3.6 resets
-    ``reset_to_zero`` after timing): a cell that the winning config's grid does not write
-    would otherwise keep what a config timed before it wrote, and the first call of every new
-    shape would return a wrong loss."""
+def loss_kernel(configs: list[triton.Config], **autotune_options):
+    """``_loss_gemm_kernel`` autotuned over ``configs``. Its partial-sum buffers (one chunk's
+    views) are zeroed before each timed config and before the real launch: a cell that the
+    winning config's grid does not write would otherwise keep what a config timed before it
+    wrote, and the first call of every new shape would return a wrong loss."""
     return triton.autotune(
         configs=configs,
-        key=["M", "K", "COMPUTE_GRAD", "HAS_NOISE"],
-        reset_to_zero=["loss_part_ptr", "dw_part_ptr", "db_part_ptr"],
+        key=["K", "HAS_BIAS", "HAS_NOISE", "COMPUTE_GRAD"],
+        reset_to_zero=["loss_part_ptr", "db_part_ptr"],
         **autotune_options,
-    )(_denoise_loss_fwd_kernel)
+    )(_loss_gemm_kernel)
 
 
-_kernel = autotuned(_ACTIVE)
+def grad_kernel(configs: list[triton.Config], **autotune_options):
+    """``_grad_gemm_kernel`` autotuned over ``configs``; dW_d, which it adds to in place, is
+    restored after each timed config."""
+    return triton.autotune(
+        configs=configs, key=["K", "ACCUMULATE"], restore_value=["dw_ptr"], **autotune_options
+    )(_grad_gemm_kernel)
 
-# Upper bound of the partial dW_d buffers (groups x K x K floats) beyond one group's K x K.
-_PARTIAL_BYTES = 256 * 2**20
+
+_loss_kernel = loss_kernel(_common.config(_LOSS_CONFIGS, _LOSS_CONFIGS[0], _LOSS_INTERPRET))
+_grad_kernel = grad_kernel(_common.config(_GRAD_CONFIGS, _GRAD_CONFIGS[0], _GRAD_INTERPRET))
 
 
-def _num_groups(M: int, K: int, device: torch.device, itemsize: int, min_block_m: int) -> int:
-    """Row-block groups S for the gradient pass: enough programs (S x column blocks) to fill
-    the GPU twice over, no more groups than row blocks, partial buffers bounded in memory."""
-    m_blocks = triton.cdiv(M, min_block_m)
-    if _common.INTERPRET:
-        # Several groups with several row blocks each, so small test shapes cover both.
-        return max(1, min(3, m_blocks))
-    want = triton.cdiv(2 * _common.sm_count(device), triton.cdiv(K, 128))
-    cap = max(1, _PARTIAL_BYTES // max(1, K * K * itemsize))
-    return max(1, min(want, m_blocks, cap))
+def chunk_rows(M: int, K: int) -> int:
+    """Rows per chunk: the element budget, a multiple of 128 (at least 128), at most M."""
+    return min(M, max(CHUNK_ELEMS // K // _ROW_QUANTUM * _ROW_QUANTUM, _ROW_QUANTUM))
 
 
 def denoise_loss_fwd(
@@ -245,24 +266,25 @@ def denoise_loss_fwd(
     seed: Tensor,
     compute_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Loss (L1) and, if asked, dL/dW_d and dL/db_d (L2); the torch backend's contract.
+    """Loss (L1) and, if asked, dL/dW_d and dL/db_d (L2); the torch backend's contract under
+    the tensor-core precision policy (``drep_kernels.precision``).
 
-    x: (M, K) float16/bfloat16/float32/float64, any strides; denoise_weight: (K, K);
+    x: (M, K) float16/bfloat16/float32/float64, any strides; denoise_weight: (K, K), x's dtype;
     denoise_bias: (K,) or None; noise: (M, K) or None (any float dtype, any strides); seed: 0-d
-    int64 tensor, read by the kernel when it is on x's device (capture-safe), else on the host.
-    Computed in float32 (float64 for float64 inputs).
-    Returns loss (0-d), grad_weight (K, K), grad_bias (K,) in the compute dtype; the gradients
-    are empty when ``compute_grad`` is False (grad_bias also without a bias).
+    int64 tensor, read by the kernels when it is on x's device (capture-safe), else on the host.
+    Returns loss (0-d), grad_weight (K, K), grad_bias (K,) in float32 (float64 for float64);
+    the gradients are empty when ``compute_grad`` is False (grad_bias also without a bias).
     """
-    return _denoise_loss(x, denoise_weight, denoise_bias, a, s, noise, seed, compute_grad, _kernel, _ACTIVE)
+    return _denoise_loss(x, denoise_weight, denoise_bias, a, s, noise, seed, compute_grad, _loss_kernel, _grad_kernel)
 
 
-def _denoise_loss(x, denoise_weight, denoise_bias, a, s, noise, seed, compute_grad, kernel, configs, meta=None):
-    """denoise_loss_fwd with ``kernel`` autotuned over ``configs``, or (tests) the plain
-    kernel with one config's block sizes in ``meta``: the buffers are sized for the smallest.
-    ``seed`` may also be a Python int (tests: the host-side path on any device)."""
+def _denoise_loss(x, denoise_weight, denoise_bias, a, s, noise, seed, compute_grad, loss_kern, grad_kern, meta=None):
+    """denoise_loss_fwd with the given (autotuned) kernels, or (tests) plain kernels with the
+    block sizes ``meta`` = (loss config kwargs, grad config kwargs). ``seed`` may also be a
+    Python int (tests: the host-side path on any device)."""
     _common.check_device(x, denoise_weight, denoise_bias, noise)
-    cdt = _common.compute_dtype(x.dtype)
+    cdt = precision.accumulate_dtype(x.dtype)
+    gemm = precision.gemm_dtype(x.dtype, tensor_cores=True)
     M, K = x.shape
     n = M * K
     has_bias = denoise_bias is not None
@@ -276,45 +298,76 @@ def _denoise_loss(x, denoise_weight, denoise_bias, a, s, noise, seed, compute_gr
             return loss, empty(), empty()
         return loss, x.new_zeros((K, K), dtype=cdt), (x.new_zeros(K, dtype=cdt) if has_bias else empty())
 
-    min_block_m = min(c.kwargs["BLOCK_M"] for c in configs)
-    min_block_n = min(c.kwargs["BLOCK_N"] for c in configs)
-    groups = _num_groups(M, K, x.device, torch.finfo(cdt).bits // 8, min_block_m) if compute_grad else None
-    rows = groups if compute_grad else triton.cdiv(M, min_block_m)
-    cols = triton.cdiv(K, min_block_n)
-    # (|D| sum, D^2 sum) per program; zeros where a config's grid is smaller than the bound.
-    loss_part = torch.zeros((rows, cols, 2), dtype=cdt, device=x.device)
-    dw_part = torch.zeros((groups, K, K) if compute_grad else (1,), dtype=cdt, device=x.device)
-    db_part = torch.zeros((groups, K) if compute_grad and has_bias else (1,), dtype=cdt, device=x.device)
-
-    def grid(meta):
-        m_programs = groups if compute_grad else triton.cdiv(M, meta["BLOCK_M"])
-        return (m_programs, triton.cdiv(K, meta["BLOCK_N"]))
+    rows = chunk_rows(M, K)
+    if rows * K >= 2**31:
+        raise ValueError(f"K = {K} is too wide for the triton loss (a {rows}-row chunk passes 2^31 elements)")
+    chunks = triton.cdiv(M, rows)
+    loss_meta, grad_meta = meta if meta is not None else ({}, {})
+    # Partial sums per chunk, sized for the smallest blocks any config may use; zero where a
+    # config's grid is smaller.
+    min_m = min(c.kwargs["BLOCK_M"] for c in _configs(loss_kern, loss_meta))
+    min_n = min(c.kwargs["BLOCK_N"] for c in _configs(loss_kern, loss_meta))
+    part_rows, part_cols = triton.cdiv(rows, min_m), triton.cdiv(K, min_n)
+    loss_part = torch.zeros((chunks, part_rows, part_cols, 2), dtype=cdt, device=x.device)
+    db_part = torch.zeros((chunks, part_rows, K) if compute_grad and has_bias else (chunks, 1), dtype=cdt, device=x.device)
+    xn = torch.empty((rows, K), dtype=gemm, device=x.device)
+    g = torch.empty((rows, K), dtype=gemm, device=x.device) if compute_grad else xn
+    grad_weight = torch.empty((K, K), dtype=cdt, device=x.device) if compute_grad else None
 
     a_hi, a_lo = _common.split_scalar(a)
     s_hi, s_lo = _common.split_scalar(s)
-    bias = denoise_bias if has_bias else denoise_weight  # placeholder pointer, never read
-    eps = noise if noise is not None else x
+    eps = noise if noise is not None else x  # placeholder pointer when N1 draws the noise
     seed_from_ptr = noise is None and isinstance(seed, Tensor) and seed.device == x.device
     if noise is not None or seed_from_ptr:
         seed_value = 0
     else:
         seed_value = seed if isinstance(seed, int) else rng.seed_from_tensor(seed)
-    kernel[grid](
-        x, denoise_weight, bias, eps,
-        loss_part, dw_part, db_part,
-        M, K, seed_value, seed if seed_from_ptr else x, a_hi, a_lo, s_hi, s_lo,
-        x.stride(0), x.stride(1), denoise_weight.stride(0), denoise_weight.stride(1),
-        denoise_bias.stride(0) if has_bias else 0, eps.stride(0), eps.stride(1),
-        cols,
-        HAS_BIAS=has_bias, HAS_NOISE=noise is not None, COMPUTE_GRAD=compute_grad, SEED_FROM_PTR=seed_from_ptr,
-        DTYPE=tl.float64 if cdt == torch.float64 else tl.float32,
-        INPUT_PRECISION=_common.input_precision(cdt),
-        **(meta or {}),
-    )
+    seed_ptr = seed if seed_from_ptr else x
+    acc_dt, gemm_dt = tl_dtype(cdt), tl_dtype(gemm)
+    dot_precision = precision.dot_precision(gemm)
+    scale = precision.grad_scale(gemm)
+    bias = denoise_bias if has_bias else denoise_weight  # placeholder pointer, never read
+
+    for c in range(chunks):
+        row0 = c * rows
+        R = min(rows, M - row0)
+        noisy_grid = (triton.cdiv(R, _NOISY_CONFIG["BLOCK_M"]), triton.cdiv(K, _NOISY_CONFIG["BLOCK_K"]))
+        _noisy_input_kernel[noisy_grid](
+            x, eps, xn, row0, R, K, seed_value, seed_ptr, a_hi, a_lo, s_hi, s_lo,
+            x.stride(0), x.stride(1), eps.stride(0), eps.stride(1),
+            HAS_NOISE=noise is not None, SEED_FROM_PTR=seed_from_ptr, ACC_DTYPE=acc_dt,
+            num_warps=_NOISY_WARPS, **_NOISY_CONFIG,
+        )
+
+        def loss_grid(meta, R=R):
+            return (triton.cdiv(R, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
+
+        loss_kern[loss_grid](
+            xn, denoise_weight, bias, eps, g, loss_part[c], db_part[c],
+            row0, R, K, seed_value, seed_ptr, scale,
+            denoise_weight.stride(0), denoise_weight.stride(1), denoise_bias.stride(0) if has_bias else 0,
+            eps.stride(0), eps.stride(1), part_cols,
+            HAS_BIAS=has_bias, HAS_NOISE=noise is not None, COMPUTE_GRAD=compute_grad, SEED_FROM_PTR=seed_from_ptr,
+            GEMM_DTYPE=gemm_dt, ACC_DTYPE=acc_dt, INPUT_PRECISION=dot_precision, SATURATE=gemm == torch.float16,
+            **loss_meta,
+        )
+        if compute_grad:
+            def grad_grid(meta):
+                return (triton.cdiv(K, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+
+            grad_kern[grad_grid](
+                g, xn, grad_weight, R, K,
+                ACCUMULATE=c > 0, ACC_DTYPE=acc_dt, INPUT_PRECISION=dot_precision, **grad_meta,
+            )
     # Fixed-order reductions of the partials (deterministic), the mean's 1 / (M K) applied once.
     loss = loss_part.to(torch.float64).sum().div(n).to(cdt)
     if not compute_grad:
         return loss, empty(), empty()
-    grad_weight = (dw_part[0] if groups == 1 else dw_part.sum(0)).mul_(1.0 / n)
-    grad_bias = (db_part[0] if groups == 1 else db_part.sum(0)).mul_(1.0 / n) if has_bias else empty()
+    grad_weight.mul_(1.0 / (n * scale))
+    grad_bias = db_part.sum((0, 1)).mul_(1.0 / n) if has_bias else empty()
     return loss, grad_weight, grad_bias
+
+
+def _configs(kernel, meta: dict) -> list[triton.Config]:
+    """The configs ``kernel`` may launch with: its autotuner's, or the one ``meta`` fixes."""
+    return [triton.Config(meta)] if meta else list(kernel.configs)

@@ -7,8 +7,10 @@ All five formulas are one GEMM shape with an epilogue, so one kernel serves them
 
 b_col is an extra column N of B: the bias column of [W_d | b_d], so M2's W b_d is computed in
 the same launch and tiles as M1's W W_d. A and B are read through strides, so W^T and W_d^T
-cost no copy. Accumulation in float32 (float64 for float64 weights); out is stored in its
-buffer's dtype (the weight's for the forward, the compute dtype for the gradients).
+cost no copy. Precision (``drep_kernels.precision``): bf16 / fp16 operands go to the tensor
+cores as they are, float32 ones as TF32 exactly when torch's float32 matmuls use it;
+accumulation in float32 (float64 for float64 weights); out is stored in its buffer's dtype (the
+weight's for the forward, the accumulation dtype for the gradients).
 
     M1, M2: A = W,     B = W_d,   b_col = b_d, Add = W,   add_col = b,  c_add = c3, c_mul = -c1
     M3:     A = G_W,   B = W_d^T, u = g_b, v = b_d,       Add = G_W,    c_add = c3, c_mul = -c1
@@ -23,8 +25,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import precision
 from . import _common
-from ._common import join_scalar
+from ._common import dot, join_scalar, rounded, tl_dtype
 
 
 @triton.jit
@@ -35,7 +38,7 @@ def _merge_gemm_kernel(
     stride_u, stride_v, stride_outr, stride_outn, stride_outcol,
     c_add_hi, c_add_lo, c_mul_hi, c_mul_lo,
     HAS_BCOL: tl.constexpr, HAS_ADD: tl.constexpr, HAS_ADDCOL: tl.constexpr, HAS_RANK1: tl.constexpr,
-    DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    GEMM_DTYPE: tl.constexpr, DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_R: tl.constexpr,
 ):
     # M1/M2: [W' | b'] = c3 [W | b] - c1 W [W_d | b_d];  M3: c3 G_W - c1 (G_W W_d^T + g_b b_d^T);
@@ -68,15 +71,15 @@ def _merge_gemm_kernel(
     bcol_ptrs = bcol_ptr + offs_kl * stride_bcol
     for k0 in range(0, KR, BLOCK_K):
         mask_k = k0 + offs_kl < KR
-        a = tl.load(a_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(DTYPE)
-        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(DTYPE)
+        a = tl.load(a_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(GEMM_DTYPE)
+        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(GEMM_DTYPE)
         if HAS_BCOL:
-            bcol = tl.load(bcol_ptrs, mask=mask_k, other=0.0).to(DTYPE)
+            bcol = tl.load(bcol_ptrs, mask=mask_k, other=0.0).to(GEMM_DTYPE)
             b = tl.where(offs_n[None, :] == N, bcol[:, None], b)
             bcol_ptrs += tl.cast(stride_bcol, tl.int64) * BLOCK_K
         a_ptrs += tl.cast(stride_ak, tl.int64) * BLOCK_K
         b_ptrs += tl.cast(stride_bk, tl.int64) * BLOCK_K
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=DTYPE)
+        acc = dot(a, b, acc, INPUT_PRECISION, DTYPE)
 
     c_mul = join_scalar(c_mul_hi, c_mul_lo, DTYPE)
     if HAS_RANK1:
@@ -90,7 +93,7 @@ def _merge_gemm_kernel(
         add = tl.load(add_ptr + offs_r[:, None] * stride_addr + offs_n[None, :] * stride_addn, mask=mask, other=0.0)
         val += c_add * add.to(DTYPE)
     out_ptrs = out_ptr + offs_r[:, None] * stride_outr + offs_n[None, :] * stride_outn
-    tl.store(out_ptrs, val.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptrs, rounded(val, out_ptr.dtype.element_ty), mask=mask)
     if HAS_BCOL:
         # Only the last column block holds column N. A branch, not a store mask `mask_r & (this
         # scalar condition)`: Triton >= 3.9's interpreter splats a scalar comparison into an int64
@@ -99,7 +102,7 @@ def _merge_gemm_kernel(
             col = tl.sum(tl.where(offs_n[None, :] == N, c_mul * acc, 0.0), axis=1)
             if HAS_ADDCOL:
                 col += tl.load(addcol_ptr + offs_r * stride_addcol, mask=mask_r, other=0.0).to(DTYPE)
-            tl.store(outcol_ptr + offs_r * stride_outcol, col.to(outcol_ptr.dtype.element_ty), mask=mask_r)
+            tl.store(outcol_ptr + offs_r * stride_outcol, rounded(col, outcol_ptr.dtype.element_ty), mask=mask_r)
 
 
 # Untuned (no GPU where this was written): the configs that compile without register spills for
@@ -137,7 +140,7 @@ def _gemm(
     b: Tensor,
     out: Tensor,
     c_mul: float,
-    cdt: torch.dtype,
+    dtype: torch.dtype,
     *,
     bcol: Optional[Tensor] = None,
     outcol: Optional[Tensor] = None,
@@ -147,7 +150,8 @@ def _gemm(
     u: Optional[Tensor] = None,
     v: Optional[Tensor] = None,
 ) -> None:
-    """out = c_add add + c_mul (a @ b + u v^T); outcol = addcol + c_mul a @ bcol (see the module doc)."""
+    """out = c_add add + c_mul (a @ b + u v^T); outcol = addcol + c_mul a @ bcol (see the module
+    doc), for operands of the weights' ``dtype``."""
     R, KR = a.shape
     N = b.shape[1]
     if R == 0 or (N == 0 and bcol is None):
@@ -174,8 +178,9 @@ def _gemm(
         _stride(addcol), _stride(u), _stride(v), out.stride(0), out.stride(1), _stride(outcol),
         *_scalars(c_add, c_mul),
         HAS_BCOL=has_bcol, HAS_ADD=add is not None, HAS_ADDCOL=addcol is not None, HAS_RANK1=u is not None,
-        DTYPE=tl.float64 if cdt == torch.float64 else tl.float32,
-        INPUT_PRECISION=_common.input_precision(cdt),
+        GEMM_DTYPE=tl_dtype(precision.gemm_dtype(dtype, tensor_cores=True)),
+        DTYPE=tl_dtype(precision.accumulate_dtype(dtype)),
+        INPUT_PRECISION=precision.dot_precision(dtype),
     )
 
 
@@ -202,7 +207,7 @@ def merge_weights_fwd(
     else:
         merged_bias = weight.new_empty(0)
     _gemm(
-        weight, denoise_weight, merged_weight, -c1, _common.compute_dtype(weight.dtype),
+        weight, denoise_weight, merged_weight, -c1, weight.dtype,
         add=weight, c_add=c3,
         bcol=denoise_bias, outcol=merged_bias if denoise_bias is not None else None,
         addcol=bias if denoise_bias is not None else None,
@@ -232,14 +237,14 @@ def _merge_weights_bwd(
     # calls the backend's merge_weights_bwd, and when AOTAutograd / torch.compile trace that
     # backward the launcher would otherwise receive fake tensors and launch on them.
     _common.check_device(grad_merged_weight, grad_merged_bias, weight, denoise_weight, denoise_bias)
-    cdt = _common.compute_dtype(weight.dtype)
+    cdt = precision.accumulate_dtype(weight.dtype)
     # Fresh empties, never one shared tensor: a custom op's outputs must not alias each other.
     grad_weight, grad_dw, grad_db = (weight.new_empty(0, dtype=cdt) for _ in range(3))
     rank_one = grad_merged_bias is not None and denoise_bias is not None
     if need_weight:
         grad_weight = weight.new_empty(weight.shape, dtype=cdt)
         _gemm(
-            grad_merged_weight, denoise_weight.t(), grad_weight, -c1, cdt,
+            grad_merged_weight, denoise_weight.t(), grad_weight, -c1, weight.dtype,
             add=grad_merged_weight, c_add=c3,
             u=grad_merged_bias if rank_one else None, v=denoise_bias if rank_one else None,
         )
@@ -249,7 +254,7 @@ def _merge_weights_bwd(
         if rank_one:
             grad_db = weight.new_empty(K, dtype=cdt)
         _gemm(
-            weight.t(), grad_merged_weight, grad_dw, -c1, cdt,
+            weight.t(), grad_merged_weight, grad_dw, -c1, weight.dtype,
             bcol=grad_merged_bias if rank_one else None, outcol=grad_db if rank_one else None,
         )
     return grad_weight, grad_dw, grad_db
@@ -260,7 +265,7 @@ _merge_weights_bwd_op = torch.library.custom_op("drep::triton_merge_weights_bwd"
 
 @_merge_weights_bwd_op.register_fake
 def _(grad_merged_weight, grad_merged_bias, weight, denoise_weight, denoise_bias, c1, c3, need_weight, need_denoise):
-    cdt = _common.compute_dtype(weight.dtype)
+    cdt = precision.accumulate_dtype(weight.dtype)
     rank_one = grad_merged_bias is not None and denoise_bias is not None
     return (
         weight.new_empty(weight.shape if need_weight else (0,), dtype=cdt),

@@ -46,8 +46,9 @@ def load_host_ops():
         name=NAMESPACE,
         sources=[str(s) for s in SOURCES],
         # -O2 costs no more build time than -O0 here (parsing ATen dominates) and runs the kernels
-        # several times faster; the unknown pragmas are nvcc's #pragma unroll.
-        extra_cflags=["-O2", "-Wno-unknown-pragmas"],
+        # several times faster; the unknown pragmas are nvcc's #pragma unroll. C++20 for
+        # std::barrier (cuda_host.h): torch 2.11 builds extensions as C++17 (this flag comes last).
+        extra_cflags=["-O2", "-Wno-unknown-pragmas", "-std=c++20"],
         build_directory=str(build_directory()),
         is_python_module=False,
     )
