@@ -257,6 +257,7 @@ FACTORIES = {
     "denoise_loss": loss_case,
     "merge_weights": merge_case,
     "train_step": step_case,
+    "host_step": step_case,
     "inference": inference_case,
 }
 

@@ -84,6 +84,10 @@ def shapes(op: str, sizes: str) -> list[Shape]:
         return _loss_shapes(sizes)
     if op == "merge_weights":
         return _layer_shapes(sizes, with_rows=False, batches=())
+    if op == "host_step":
+        # One image of 197 tokens through an 8 -> 8 layer: the device work is nil, what is
+        # timed is the host's (Python, dispatch, launches), every size set alike.
+        return [Shape(K=8, out=8, M=TOKENS, layer="tiny")]
     if op in ("train_step", "inference"):
         if sizes == "default":  # ViT-S layers at batch 8 on a CPU
             return [Shape(K=k, out=o, M=8 * TOKENS, layer=n)
@@ -102,6 +106,9 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 # --- contenders ---------------------------------------------------------------------------
+STEP_OPS = ("train_step", "host_step")  # a layer's training step: at a real shape, and at a tiny one
+LAYER_OPS = STEP_OPS + ("inference",)  # ops of a whole layer (its loss and its merge)
+
 # role: "floor" (the unavoidable GEMMs, or the plain layer), "eager" (the authors' way),
 # "compile" (that under torch.compile), "drep" (our ops). Ratios are taken against the
 # floor and the eager contender of the same group.
@@ -110,7 +117,7 @@ def drep_backends(op: str, device: str) -> list[str]:
     """Every backend that implements ``op`` (or, for a layer, every op it runs) here.
 
     The Triton interpreter (TRITON_INTERPRET=1 on a CPU) is a test tool, not a contender."""
-    ops = ("denoise_loss", "merge_weights") if op in ("train_step", "inference") else (op,)
+    ops = ("denoise_loss", "merge_weights") if op in LAYER_OPS else (op,)
     found = []
     for b in NAMES:
         if b == "triton" and device == "cpu":
@@ -148,7 +155,7 @@ class Spec:
 
     @property
     def runs_loss(self) -> bool:
-        return self.op == "denoise_loss" or (self.op == "train_step" and self.mode == "denoiser")
+        return self.op == "denoise_loss" or (self.op in STEP_OPS and self.mode == "denoiser")
 
     @property
     def group(self) -> str:
@@ -168,7 +175,7 @@ def contenders(op: str, device: str, compile_: bool) -> list[str]:
             if device == "cuda":
                 names.append("compile-max-autotune")
         return names + backends
-    if op == "train_step":
+    if op in STEP_OPS:
         # drep[default]: what a user gets (each op's fastest built backend).
         return ["linear", "eager", "drep[default]"] + backends
     if op == "inference":
@@ -184,6 +191,7 @@ MODES = {
     "denoise_loss": ("full",),  # forward + backward: the forward already does all the work
     "merge_weights": ("forward", "full"),
     "train_step": ("denoiser", "backbone"),
+    "host_step": ("denoiser", "backbone"),
     "inference": ("eval",),
 }
 
@@ -192,6 +200,8 @@ def _dtypes_for(op: str, device: str) -> list[str]:
     # A layer's step and its inference in the two dtypes training runs in: bf16 and fp32 (TF32).
     if device == "cuda" and op == "train_step":
         return ["bfloat16", "tf32"]
+    if op == "host_step":  # host time does not depend on the dtype: the one training runs in
+        return ["bfloat16"] if device == "cuda" else ["float32"]
     if device == "cuda" and op == "inference":
         return ["bfloat16", "float32"]
     return dtypes(device)

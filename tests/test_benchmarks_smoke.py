@@ -125,7 +125,7 @@ def test_baseline_layer_is_the_layer():
 
 def _smoke_specs():
     out = []
-    for op in ("denoise_loss", "merge_weights", "train_step", "inference"):
+    for op in ("denoise_loss", "merge_weights", "train_step", "host_step", "inference"):
         out += [s for s in shapes.specs(op, "smoke", "cpu", compile_=False)]
     return out
 
@@ -258,7 +258,7 @@ def test_suite_ends_with_the_summary_table(tmp_path):
     legend = max(i for i, line in enumerate(lines) if line.startswith("Legend:"))  # ends pytest-benchmark's tables
     assert start > legend, "the summary is not after pytest-benchmark's tables"
     block = lines[start + 1:]
-    groups = sorted({s.group for op in ("denoise_loss", "merge_weights", "train_step", "inference")
+    groups = sorted({s.group for op in ("denoise_loss", "merge_weights", "train_step", "host_step", "inference")
                      for s in shapes.specs(op, "smoke", "cpu", compile_=False)})
     assert block[:2] == report.summary_table({}), block[:2]  # the header and its rule
     assert len(block) == 2 + len(groups) + 3, "\n".join(block)  # rows, hint, time, pytest's last line

@@ -13,6 +13,7 @@ implements the op for the tensors' device is taken, falling back to ``torch``.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from pathlib import Path
@@ -115,19 +116,27 @@ def backends() -> list[str]:
 @torch.compiler.assume_constant_result  # decided once at trace time: no graph break
 def select(op: str, device: torch.device) -> str:
     """The backend that runs ``op`` on tensors of ``device``: ``DREP_BACKEND`` if set (an
-    error if it cannot run here), else the first of the device's preference list."""
-    forced = os.environ.get("DREP_BACKEND")
+    error if it cannot run here), else the first of the device's preference list.
+
+    Decided once per (op, device type, DREP_BACKEND, TRITON_INTERPRET): every layer asks on
+    every step, and the answer cannot change while those stay the same (the extension and
+    triton are imported once per process)."""
+    return _select(op, device.type, os.environ.get("DREP_BACKEND"), os.environ.get("TRITON_INTERPRET"))
+
+
+@functools.cache
+def _select(op: str, device_type: str, forced: str | None, _interpret: str | None) -> str:
     if forced:
         if forced not in NAMES:
             raise ValueError(f"DREP_BACKEND={forced!r} is not one of {NAMES}")
-        if not implements(forced, op, device.type):
+        if not implements(forced, op, device_type):
             raise RuntimeError(
-                f"DREP_BACKEND={forced!r} cannot run {op} on {device.type} tensors here "
-                f"({_why_not(forced, device.type)}); available: {backends()}"
+                f"DREP_BACKEND={forced!r} cannot run {op} on {device_type} tensors here "
+                f"({_why_not(forced, device_type)}); available: {backends()}"
             )
         return forced
-    for name in _PREFERENCE.get(device.type, ("torch",)):
-        if implements(name, op, device.type):
+    for name in _PREFERENCE.get(device_type, ("torch",)):
+        if implements(name, op, device_type):
             return name
     return "torch"
 
@@ -151,6 +160,7 @@ _MODULES = {
 }
 
 
+@functools.cache
 def kernels(backend: str) -> ModuleType:
     """The module holding ``backend``'s kernel functions (imported on first use)."""
     return importlib.import_module(_MODULES[backend])

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import ops
 from ..schedule import Schedule
-from ._denoise import DenoiseLayerMixin, autocast_dtype
+from ._denoise import DenoiseLayerMixin
 
 
 class DenoiseLinear(DenoiseLayerMixin, nn.Linear):
@@ -102,25 +102,11 @@ class DenoiseLinear(DenoiseLayerMixin, nn.Linear):
     # -- forward --------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         merged = self.merged_weight_and_bias()
-        if not self._wants_loss():
-            # Nothing could receive the denoising loss's gradient: do not compute it.
-            return F.linear(x, *merged)
-        if autocast_dtype(x.device) is not None:
-            # Autocast: the layer runs as autocast says (the parameters and the merge stay
-            # float32); its loss gets the same autocast-dtype rows as its matmul (_loss_terms).
+        if self._wants_loss():
+            # The loss's rows are the layer's own input, as its matmul sees it (under autocast:
+            # cast once to the autocast dtype, for both). The loss op returns its gradients with
+            # the loss (L2), so nothing of it joins the autograd graph: the step costs one op
+            # call more than a plain Linear's, not an autograd node per layer.
             x = self.autocast_rows(x)
             self._stash_loss(*self._loss_terms(x.reshape(-1, self.in_features)))
-            return F.linear(x, *merged)
-        y, loss, grad_dw, grad_db = ops.linear_denoise(
-            x,
-            self.weight,
-            self.bias,
-            self.denoise_weight,
-            self.denoise_bias,
-            self.coefficients,
-            label_augmented=self.label_augmented,
-            merged=merged,
-            with_loss_grads=True,
-        )
-        self._stash_loss(loss.detach(), grad_dw, grad_db)
-        return y
+        return F.linear(x, *merged)
