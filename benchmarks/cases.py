@@ -90,6 +90,31 @@ def _compile(fn, contender: str):
     return torch.compile(fn, mode=mode)
 
 
+def _autocast_dtype(spec: Spec) -> Optional[torch.dtype]:
+    """bf16 / fp16 on CUDA: the dtype the authors' eager baseline runs in under autocast."""
+    dt = torch_dtype(spec.dtype)
+    return dt if spec.device == "cuda" and dt in (torch.bfloat16, torch.float16) else None
+
+
+def _param_dtype(spec: Spec) -> torch.dtype:
+    """Parameters of an autocast contender stay float32; otherwise they have the row's dtype."""
+    return torch.float32 if _autocast_dtype(spec) is not None else torch_dtype(spec.dtype)
+
+
+def _under_autocast(fn: Callable, spec: Spec) -> Callable:
+    """``fn`` under torch.autocast in the row's dtype (bf16 / fp16 rows on CUDA: how the
+    authors' code trains in half precision, and so the baseline of those rows), else ``fn``."""
+    dtype = _autocast_dtype(spec)
+    if dtype is None:
+        return fn
+
+    def run(*args):
+        with torch.autocast(spec.device, dtype=dtype):
+            return fn(*args)
+
+    return run
+
+
 # --- denoising loss: forward + backward ----------------------------------------------------
 
 def loss_case(spec: Spec) -> Case:
@@ -105,8 +130,11 @@ def loss_case(spec: Spec) -> Case:
         return Case(lambda x, g: baselines.floor_loss(x, w, g), None, sets, lambda: None, [w], flop)
     sets = _make_sets(lambda g: (_randn(g, M // TOKENS, TOKENS, K, spec=spec),), spec)
     if c in ("eager", "compile", "compile-max-autotune"):
-        den = baselines.ReferenceDenoiser(K, STEP, device=dev, dtype=dt)
-        fn = den.loss if c == "eager" else _compile(den.loss, c)
+        # bf16 / fp16 rows: the authors' code as it trains in that dtype, float32 parameters
+        # under autocast (see _under_autocast).
+        den = baselines.ReferenceDenoiser(K, STEP, device=dev, dtype=_param_dtype(spec))
+        loss = _under_autocast(den.loss, spec)
+        fn = loss if c == "eager" else _compile(loss, c)
         params = list(den.parameters())
         return Case(fn, lambda loss: loss.backward(), sets, _grads_to_none(params), params, flop)
     # drep[<backend>]: the environment (DREP_BACKEND) picks the backend; see the test.
@@ -177,9 +205,10 @@ def merge_case(spec: Spec) -> Case:
 
 # --- a converted layer's training step, and inference ---------------------------------------
 
-def _linear(spec: Spec, seed: int = 0) -> nn.Linear:
+def _linear(spec: Spec, seed: int = 0, dtype: Optional[torch.dtype] = None) -> nn.Linear:
     torch.manual_seed(seed)
-    return nn.Linear(spec.shape.K, spec.shape.out, device=spec.device, dtype=torch_dtype(spec.dtype))
+    dtype = dtype if dtype is not None else torch_dtype(spec.dtype)
+    return nn.Linear(spec.shape.K, spec.shape.out, device=spec.device, dtype=dtype)
 
 
 def step_case(spec: Spec) -> Case:
@@ -188,7 +217,9 @@ def step_case(spec: Spec) -> Case:
     The SGD step changes the trained parameters, so a merge cached on their versions is
     recomputed every step, as in training. Denoiser phase: backbone frozen, the input needs no
     gradient (nothing before the layer trains). Backbone phase: the input needs its gradient
-    (the layers before train too). The plain nn.Linear reference trains W, b and the input."""
+    (the layers before train too). The plain nn.Linear reference trains W, b and the input.
+    bf16 / fp16 rows on CUDA train as mixed precision does: float32 parameters, the forward
+    under autocast, for every contender alike."""
     M, K = spec.shape.M, spec.shape.K
     phase, c = spec.mode, spec.contender
     x_grad = c == "linear" or phase == "backbone"
@@ -198,7 +229,7 @@ def step_case(spec: Spec) -> Case:
         return x, _randn(g, M // TOKENS, TOKENS, spec.shape.out, spec=spec)
 
     sets = _make_sets(make, spec)
-    lin = _linear(spec)
+    lin = _linear(spec, dtype=_param_dtype(spec))
     info = {}
     if c == "linear":
         model = lin
@@ -220,6 +251,7 @@ def step_case(spec: Spec) -> Case:
         def forward(x, target):
             return F.mse_loss(model(x), target) + LAMBDA * drep_kernels.denoise_loss(model)
 
+    forward = _under_autocast(forward, spec)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-6)
 

@@ -330,3 +330,20 @@ def test_gpu_run_fails_fast_without_a_gpu(tmp_path):
     assert proc.returncode == 2
     assert "gpu_run: FAILED: no CUDA GPU visible to torch" in proc.stderr
     assert sorted(os.listdir(tmp_path / "out")) == ["run.log"]
+
+
+def test_half_rows_on_cuda_run_the_baselines_under_autocast():
+    """bf16 / fp16 rows on CUDA: the eager baseline (and every step contender) keeps float32
+    parameters and runs under autocast, as the authors' code trains in half precision; float32
+    rows and CPU rows run as given."""
+    from benchmarks import cases
+
+    def spec(device, dtype):
+        return shapes.Spec("denoise_loss", "full", shapes.Shape(K=8, M=197), dtype, "eager", device, "smoke")
+
+    for dtype, want in (("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", None), ("tf32", None)):
+        assert cases._autocast_dtype(spec("cuda", dtype)) == want
+        assert cases._param_dtype(spec("cuda", dtype)) == (torch.float32 if want else shapes.torch_dtype(dtype))
+    assert cases._autocast_dtype(spec("cpu", "bfloat16")) is None
+    fn = lambda: torch.is_autocast_enabled("cpu")  # noqa: E731
+    assert cases._under_autocast(fn, spec("cpu", "float32")) is fn
