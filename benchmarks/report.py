@@ -14,7 +14,11 @@ each case on its own, so the ratios are taken here, across the cases of a group
 - ``vs eager``: the authors' unfused eager time over this one (above 1: faster), through the
   paired ratios when both have them;
 - ``saved``: bytes autograd keeps for backward beyond the parameters and inputs;
-- ``peak``: CUDA memory one call allocates beyond what was allocated before it.
+- ``peak``: CUDA memory one call allocates beyond what was allocated before it;
+- ``predicted``, ``meas / pred`` (CUDA runs on a card the cost model knows: H100 SXM, H200):
+  ``benchmarks.costmodel``'s time for the case and the measured median over it, for the
+  contenders it models (the loss forward + backward and the merge forward: floor, eager and
+  the triton and cuda backends).
 """
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional
+
+from . import costmodel
 
 ROLE_ORDER = {"floor": 0, "eager": 1, "compile": 2, "other": 3, "drep": 4}
 
@@ -149,9 +155,34 @@ def ratios(rows: list[Row], r: Row) -> tuple[Optional[float], Optional[float]]:
     return x_floor(rows, r), speedup(rows, _reference(rows, "eager"), r)
 
 
+# The (op, mode) cases the cost model covers: the loss forward + backward, the merge forward.
+_MODELLED_MODES = {("denoise_loss", "full"), ("merge_weights", "forward")}
+
+
+def predicted(r: Row) -> Optional[float]:
+    """The cost model's seconds for r's case; None on CPU runs, on cards the model has no
+    figures for, and for ops, modes and contenders it does not model (torch, compile)."""
+    i = r.info
+    gpu = costmodel.gpu_for_device(i.get("device_name", "")) if i.get("device") == "cuda" else None
+    op = i.get("op")
+    if gpu is None or (op, i.get("mode")) not in _MODELLED_MODES or i.get("dtype") not in costmodel.DTYPES:
+        return None
+    c = r.contender
+    backend = c[5:-1] if c.startswith("drep[") else c
+    if backend not in costmodel.backends(op):
+        return None
+    return costmodel.predict(op, backend, i.get("M", 0), i["K"], i["dtype"], gpu, out=i.get("out", 0))
+
+
+def fmt_meas_over_pred(r: Row) -> str:
+    p = predicted(r)
+    return "-" if p is None else f"{r.median / p:.2f}"
+
+
 def group_table(rows: list[Row]) -> list[str]:
     cuda = any(r.info.get("device") == "cuda" for r in rows)
-    head = ["contender", "median", "q1 - q3", "rounds", "GFLOP/s", "x floor", "vs eager", "saved"]
+    head = ["contender", "median"] + (["predicted", "meas / pred"] if cuda else [])
+    head += ["q1 - q3", "rounds", "GFLOP/s", "x floor", "vs eager", "saved"]
     if cuda:
         head.append("peak")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -164,9 +195,10 @@ def group_table(rows: list[Row]) -> list[str]:
         spread = f"{fmt_time(r.q1)} - {fmt_time(r.q3)}" if r.q1 is not None else "-"
         gflops = r.info.get("gflops")
         saved = r.info.get("saved_extra_bytes")
-        cells = [
-            name,
-            fmt_time(r.median),
+        cells = [name, fmt_time(r.median)]
+        if cuda:
+            cells += [fmt_time(predicted(r)), fmt_meas_over_pred(r)]
+        cells += [
             spread,
             str(r.rounds),
             "-" if gflops is None else f"{gflops:.1f}",
@@ -182,8 +214,9 @@ def group_table(rows: list[Row]) -> list[str]:
 
 def summary_table(groups: dict[str, list[Row]]) -> list[str]:
     """One line per group: the fastest drep contender against eager, compile and the floor."""
-    head = ["group", "floor (or plain layer)", "eager", "compile", "best drep", "drep median", "x floor", "vs eager",
-            "vs compile"]
+    cuda = any(r.info.get("device") == "cuda" for rows in groups.values() for r in rows)
+    head = ["group", "floor (or plain layer)", "eager", "compile", "best drep", "drep median"]
+    head += (["predicted"] if cuda else []) + ["x floor", "vs eager", "vs compile"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rows in groups.items():
         drep = [r for r in rows if r.role == "drep"]
@@ -203,6 +236,9 @@ def summary_table(groups: dict[str, list[Row]]) -> list[str]:
                     fmt_time(comp.median) if comp else "-",
                     best.contender,
                     fmt_time(best.median),
+                ]
+                + ([fmt_time(predicted(best))] if cuda else [])
+                + [
                     fmt_ratio(xf),
                     fmt_ratio(vs_eager),
                     fmt_ratio(speedup(rows, comp, best)),
@@ -269,6 +305,14 @@ def markdown(rows: list[Row], machine: dict, when: str, title: str, png: Optiona
         "both are medians of the per-round ratios (robust to a shared machine's changing load);",
         "elsewhere ratios of the medians. `saved`: bytes autograd keeps for backward beyond",
         "parameters and inputs.",
+    ]
+    if any(r.info.get("device") == "cuda" for r in rows):
+        out += [
+            "`predicted`: the cost model's time for the case (`python -m benchmarks.costmodel`; a model, not a",
+            "measurement: benchmarks/results/costmodel-h100-h200.md lists its assumptions); `meas / pred`: the",
+            "measured median over it. `-` where the model has no figures (other cards, ops, contenders).",
+        ]
+    out += [
         "",
         "## Summary",
         "",

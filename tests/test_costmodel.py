@@ -1,0 +1,343 @@
+"""The cost model (benchmarks/costmodel) counts what the code does, and the GPU report shows
+its predictions: hand-counted numbers on tiny shapes, its constants and op lists against the
+code and a dispatch trace, the published table up to date, predicted beside measured."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is not installed with the package (see test_benchmarks_smoke.py)
+    sys.path.append(str(ROOT))
+
+from benchmarks import baselines, costmodel, report, shapes  # noqa: E402
+from benchmarks.costmodel import loss, merge, tables  # noqa: E402
+
+H100 = "h100-sxm"
+
+
+def _sum(ks, field):
+    return sum(getattr(k, field) for k in ks)
+
+
+# --- hand-counted numbers -----------------------------------------------------------------------
+
+def test_triton_loss_counts_by_hand():
+    """M, K multiples of every block: one chunk, no padding. Noise drawn once (x_noisy) and once
+    more (epilogue), four normals per Philox call: 2 M K / 4 calls; both GEMMs 2 M K^2 FLOPs.
+    Launches: seed, 2 zeros, 3 kernels, 4 + 1 + 2 host sums, then autograd: ones_like, 2
+    materialized zeros, 2 scalings, 2 casts to bf16 (none for float32)."""
+    M, K = 256, 256
+    ks = costmodel.kernels("denoise_loss", "triton", M=M, K=K, dtype="bfloat16", gpu=H100)
+    assert _sum(ks, "philox") == 2 * M * math.ceil(K / 4) == 32768
+    assert _sum(ks, "flops") == 4 * M * K * K
+    assert _sum(ks, "launches") == 1 + 2 + 3 + 7 + 7 == 20
+    assert _sum(costmodel.kernels("denoise_loss", "triton", M=M, K=K, dtype="float32", gpu=H100), "launches") == 18
+
+
+def test_triton_loss_counts_padded_tiles():
+    """M = 100, K = 60: the kernels compute whole tiles. _noisy_input_kernel 32 x 128 tiles:
+    128 x 128 / 4 calls; the epilogue's 128 x 64 tile: 128 x 64 / 4; GEMM 1 (128, 64, 32):
+    2 x 128 x 64 x 64; GEMM 2 (dW_d tile 128 x 64, depth in steps of 32): 2 x 128 x 64 x 128."""
+    ks = costmodel.kernels("denoise_loss", "triton", M=100, K=60, dtype="bfloat16", gpu=H100)
+    assert _sum(ks, "philox") == 128 * 128 / 4 + 128 * 64 / 4 == 6144
+    assert _sum(ks, "flops") == 2 * 128 * 64 * 64 + 2 * 128 * 64 * 128
+
+
+def test_cuda_loss_counts_by_hand():
+    """One chunk. Main: Philox once per four elements in noisy_input_kernel, once per element
+    in the epilogue; the revision once per four in both. Launches: seed, 2 fills, 5 per chunk,
+    4 at the end, 7 of autograd; main adds the b_d cast and the dW_d division."""
+    M, K = 256, 256
+    main = costmodel.kernels("denoise_loss", "cuda-main", M=M, K=K, dtype="bfloat16", gpu=H100)
+    rev = costmodel.kernels("denoise_loss", "cuda-wt-i", M=M, K=K, dtype="bfloat16", gpu=H100)
+    assert _sum(main, "philox") == M * K / 4 + M * K
+    assert _sum(rev, "philox") == 2 * M * K / 4
+    assert _sum(rev, "launches") == 1 + 2 + 5 + 4 + 7 == 19
+    assert _sum(main, "launches") == 19 + 2
+    assert _sum(main, "flops") == _sum(rev, "flops") == 4 * M * K * K
+
+
+def test_cuda_revision_accumulates_in_place():
+    """Three chunks: main adds each later chunk's K x K buffer with add_ (2 launches more, 3 K^2
+    float32 each); the revision's GEMM 2 reads its K x K result instead (beta = 1)."""
+    K = 1024
+    M = 3 * loss.cuda_chunk_rows(loss.CUDA_MAIN, 10**6, K)
+    main = costmodel.kernels("denoise_loss", "cuda-main", M=M, K=K, dtype="bfloat16", gpu=H100)
+    rev = costmodel.kernels("denoise_loss", "cuda-wt-i", M=M, K=K, dtype="bfloat16", gpu=H100)
+    adds = [k for k in main if "add_" in k.name]
+    assert len(adds) == 2 and all(k.hbm == 3 * K * K * 4 for k in adds)
+    assert sum("beta = 1" in k.name for k in rev) == 2
+    assert not any("add_" in k.name for k in rev)
+
+
+def test_triton_before_12_regenerates_noise():
+    """The old kernel drew each element's noise 2 ceil(K / BLOCK_N) + 1 times (BLOCK_N = 64)."""
+    M, K = 256, 256
+    ks = costmodel.kernels("denoise_loss", "triton-pre12", M=M, K=K, dtype="bfloat16", gpu=H100)
+    assert _sum(ks, "philox") == (2 * math.ceil(K / 64) + 1) * M * K / 4
+
+
+def test_floor_is_four_m_k_squared_at_peak():
+    M, K = 1576, 768
+    assert loss.floor_flops(M, K) == 4 * M * K * K
+    assert costmodel.floor_seconds("denoise_loss", K, "bfloat16", H100, M=M) == 4 * M * K * K / 989e12
+    assert costmodel.floor_seconds("denoise_loss", K, "tf32", H100, M=M) == 4 * M * K * K / 495e12
+    assert costmodel.floor_seconds("denoise_loss", K, "float32", "h200", M=M) == 4 * M * K * K / 67e12
+    # The benchmark's floor contender runs exactly those FLOPs in two cuBLAS calls.
+    floor = costmodel.kernels("denoise_loss", "floor", M=M, K=K, dtype="bfloat16", gpu=H100)
+    assert len(floor) == 2 and _sum(floor, "flops") == 4 * M * K * K
+
+
+def test_merge_counts_by_hand():
+    """addmm: a copy of W, then one GEMM (2 out K^2). Triton: one launch over K + 1 columns
+    rounded up to BLOCK_N = 64 (K = 768: 832). CUDA main: cat, GEMM over K + 1, two scale_adds;
+    the revision: two GEMMs (W_d, then b_d), two scale_adds."""
+    out, K = 3072, 768
+    add = costmodel.kernels("merge_weights", "floor", out=out, K=K, dtype="bfloat16", gpu=H100)
+    tri = costmodel.kernels("merge_weights", "triton", out=out, K=K, dtype="bfloat16", gpu=H100)
+    main = costmodel.kernels("merge_weights", "cuda-main", out=out, K=K, dtype="bfloat16", gpu=H100)
+    rev = costmodel.kernels("merge_weights", "cuda-wt-i", out=out, K=K, dtype="bfloat16", gpu=H100)
+    assert (_sum(add, "launches"), _sum(add, "flops")) == (2, 2 * out * K * K)
+    assert (_sum(tri, "launches"), _sum(tri, "flops")) == (1, 2 * out * 832 * K)
+    assert (_sum(main, "launches"), _sum(main, "flops")) == (4, 2 * out * (K + 1) * K)
+    assert (_sum(rev, "launches"), _sum(rev, "flops")) == (4, 2 * out * K * K + 2 * out * K)
+
+
+DESIGNS = [(op, d) for op in costmodel.OPS for d in costmodel.DESIGNS[op]]
+
+
+@pytest.mark.parametrize("op, design", DESIGNS)
+def test_monotonic_in_rows(op, design):
+    """More rows (the loss's M, the merge's out) never cost less; FLOPs, bytes and noise grow."""
+    rows = [197 * b for b in (1, 2, 5, 8, 13, 32, 55, 64, 100, 128)]
+
+    def at(r, gpu=H100):
+        size = {"M": r} if op == "denoise_loss" else {"out": r}
+        return costmodel.totals(op, design, K=768, dtype="bfloat16", gpu=gpu, **size)
+
+    for gpu in costmodel.GPUS:
+        ts = [at(r, gpu) for r in rows]
+        for a, b in zip(ts, ts[1:]):
+            assert b.seconds >= a.seconds and b.flops > a.flops and b.hbm > a.hbm and b.philox >= a.philox
+
+
+@pytest.mark.parametrize("op, design", DESIGNS)
+def test_float16_costs_what_bfloat16_costs(op, design):
+    size = {"M": 6304} if op == "denoise_loss" else {"out": 3072}
+    assert (costmodel.predict(op, design, size.get("M", 0), 768, "float16", H100, out=size.get("out", 0))
+            == costmodel.predict(op, design, size.get("M", 0), 768, "bfloat16", H100, out=size.get("out", 0)))
+
+
+def test_predict_rejects_what_it_does_not_model():
+    with pytest.raises(ValueError, match="op must be one of"):
+        costmodel.predict("linear", "triton", 10, 8, "bfloat16", H100)
+    with pytest.raises(ValueError, match="no design 'torch' for denoise_loss"):
+        costmodel.predict("denoise_loss", "torch", 10, 8, "bfloat16", H100)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        costmodel.predict("denoise_loss", "triton", 10, 8, "float64", H100)
+    with pytest.raises(ValueError, match="gpu must be one of"):
+        costmodel.predict("denoise_loss", "triton", 10, 8, "bfloat16", "a100")
+    with pytest.raises(ValueError, match="out must be a positive int for merge_weights"):
+        costmodel.predict("merge_weights", "triton", 10, 8, "bfloat16", H100)
+    # The built backends map to their designs.
+    assert costmodel.predict("denoise_loss", "cuda", 1576, 768, "bfloat16", H100) == costmodel.predict(
+        "denoise_loss", costmodel.BACKENDS["cuda"], 1576, 768, "bfloat16", H100)
+
+
+# --- the model's constants and op lists are the code's ------------------------------------------
+
+def test_triton_constants_are_the_code():
+    from drep_kernels.triton import denoise_loss as tdl
+    from drep_kernels.triton import merge_weights as tmw
+
+    assert loss.TRITON_CHUNK_ELEMS == tdl.CHUNK_ELEMS and loss.TRITON_ROW_QUANTUM == tdl._ROW_QUANTUM
+    assert loss.TRITON_NOISY_TILE == (tdl._NOISY_CONFIG["BLOCK_M"], tdl._NOISY_CONFIG["BLOCK_K"])
+    lc, gc = tdl._LOSS_CONFIGS[0].kwargs, tdl._GRAD_CONFIGS[0].kwargs
+    assert loss.TRITON_LOSS_TILE == (lc["BLOCK_M"], lc["BLOCK_N"], lc["BLOCK_K"])
+    assert loss.TRITON_GRAD_TILE == (gc["BLOCK_N"], gc["BLOCK_K"], gc["BLOCK_R"])
+    assert loss.TRITON_PART_BLOCK == min(c.kwargs[b] for c in tdl._LOSS_CONFIGS for b in ("BLOCK_M", "BLOCK_N"))
+    mc = tmw._CONFIGS[0].kwargs
+    assert merge.TRITON_TILE == (mc["BLOCK_R"], mc["BLOCK_N"], mc["BLOCK_K"])
+    for M, K in [(100, 60), (12608, 768), (25216, 3072), (197, 40000)]:
+        assert loss.triton_chunk_rows(M, K) == tdl.chunk_rows(M, K)
+
+
+def test_shapes_are_the_benchmarks():
+    assert tables.LOSS_KS == tuple(sorted({k for k, _ in shapes.VIT_LAYERS.values()}))
+    swept = {s.M for sizes in ("default", "full") for s in shapes.shapes("denoise_loss", sizes)}
+    assert swept | {tables.TARGET_M} == set(tables.LOSS_MS)
+    assert set(tables.MERGE_SHAPES) == {(s.out, s.K) for s in shapes.shapes("merge_weights", "full")}
+
+
+def test_triton_launches_are_the_code(monkeypatch):
+    """Run the Triton loss (interpreter) on a shape that takes three chunks and count its
+    kernel launches: the model's chunking and launches per chunk."""
+    from drep_kernels.triton import denoise_loss as tdl
+
+    launched = []
+
+    class Counting:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            launched.append(self.name)
+            return self.kernel[grid]
+
+        def __getattr__(self, attr):  # the launcher reads the autotuner's configs
+            return getattr(self.kernel, attr)
+
+    for attr in ("_noisy_input_kernel", "_loss_kernel", "_grad_kernel"):
+        monkeypatch.setattr(tdl, attr, Counting(getattr(tdl, attr), attr))
+    chunk_elems = 128 * 64
+    monkeypatch.setattr(tdl, "CHUNK_ELEMS", chunk_elems)
+    M, K = 300, 64
+    x = torch.randn(M, K)
+    w = torch.randn(K, K) / 8
+    tdl.denoise_loss_fwd(x, w, torch.randn(K), 0.9, 0.1, None, torch.tensor(5), True)
+    model = loss.triton(M, K, costmodel.DTYPES["float32"], costmodel.GPUS[H100], chunk_elems=chunk_elems)
+    names = {"_noisy_input_kernel": "_noisy_input_kernel", "_loss_kernel": "_loss_gemm_kernel",
+             "_grad_kernel": "_grad_gemm_kernel"}
+    counted = [names[n] for n in launched]
+    modelled = [k.name.split(": ")[1].split(" ")[0] for k in model if k.name.startswith("chunk ")]
+    assert counted == modelled and len(counted) == 3 * 3
+
+
+class _AtenOps(TorchDispatchMode):
+    """The aten ops a region dispatches, without those that launch no kernel (views, detach)."""
+
+    NO_KERNEL = {"view", "t", "transpose", "unsqueeze", "expand", "detach", "select", "squeeze_"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in self.NO_KERNEL:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_loss_ops_are_its_dispatch_trace():
+    torch.manual_seed(0)
+    den = baselines.ReferenceDenoiser(32, 12, dtype=torch.bfloat16)
+    x = torch.randn(2, 197, 32, dtype=torch.bfloat16)
+    with _AtenOps() as fwd:
+        out = den.loss(x)
+    with _AtenOps() as bwd:
+        out.backward()
+    assert tuple(fwd.ops) == loss.EAGER_FORWARD_OPS
+    assert tuple(bwd.ops) == loss.EAGER_BACKWARD_OPS
+    ks = costmodel.kernels("denoise_loss", "eager", M=394, K=32, dtype="bfloat16", gpu=H100)
+    # One kernel per op, mse_loss two (elementwise, then mean).
+    assert _sum(ks, "launches") == len(fwd.ops) + len(bwd.ops) + 1
+
+
+def test_eager_merge_ops_are_its_dispatch_trace():
+    tab = baselines.schedule_tables(dtype=torch.bfloat16)
+    W, b = torch.randn(48, 32, dtype=torch.bfloat16), torch.randn(48, dtype=torch.bfloat16)
+    w_d, b_d = torch.randn(32, 32, dtype=torch.bfloat16), torch.randn(32, dtype=torch.bfloat16)
+    with _AtenOps() as ops:
+        baselines.reference_merge_tensors(W, b, w_d, b_d, tab["c1"][12], tab["c3"][12])
+    assert tuple(ops.ops) == merge.EAGER_OPS
+    ks = costmodel.kernels("merge_weights", "eager", out=48, K=32, dtype="bfloat16", gpu=H100)
+    assert _sum(ks, "launches") == len(ops.ops)
+
+
+# --- the published table and the targets ------------------------------------------------------
+
+def test_published_table_is_the_model():
+    published = ROOT / "benchmarks" / "results" / "costmodel-h100-h200.md"
+    assert published.read_text() == tables.markdown() + "\n", (
+        "benchmarks/results/costmodel-h100-h200.md is stale: "
+        "python -m benchmarks.costmodel --out benchmarks/results/costmodel-h100-h200.md")
+
+
+def test_verdicts_read_the_model():
+    """A verdict is its design's modelled ratio against the target's bound."""
+    by = {(v.target, v.design): v for v in tables.verdicts()}
+    v = by[("loss at most 2x the two-GEMM floor at K = 768", "triton")]
+    expect = (costmodel.predict("denoise_loss", "triton", 12608, 768, "bfloat16", H100)
+              / costmodel.floor_seconds("denoise_loss", 768, "bfloat16", H100, M=12608))
+    assert v.value == expect and v.met == (expect <= 2.0)
+    v = by[("loss at least 3x faster than eager at K = 384", "cuda (wt-i revision)")]
+    expect = (costmodel.predict("denoise_loss", "eager", 12608, 384, "bfloat16", H100)
+              / costmodel.predict("denoise_loss", "cuda-wt-i", 12608, 384, "bfloat16", H100))
+    assert v.value == expect and v.met == (expect >= 3.0)
+
+
+# --- the GPU report prints predicted beside measured --------------------------------------------
+
+def _bench(group, contender, role, median, device, device_name, **info):
+    op, mode = group.split("/")[0].rstrip("]").split("[")
+    dtype = group.split("/")[-1]
+    extra = {"median_s": median, "contender": contender, "role": role, "rounds": 5, "op": op, "mode": mode,
+             "dtype": dtype, "device": device, "device_name": device_name, "timer": "cuda_event", **info}
+    return {"group": group, "name": f"test_x[{contender}]", "param": contender, "extra_info": extra,
+            "stats": {"median": median, "rounds": 5}}
+
+
+def _saved(device_name, device="cuda"):
+    loss_group = "denoise_loss[full]/M1576xK768/bfloat16"
+    merge_group = "merge_weights[forward]/out3072xK768/tf32"
+    shape = {"M": 1576, "K": 768}
+    return {
+        "machine_info": {"drep": {"device": device, "device_name": device_name}},
+        "benchmarks": [
+            _bench(loss_group, "floor", "floor", 4e-5, device, device_name, **shape),
+            _bench(loss_group, "eager", "eager", 2e-4, device, device_name, **shape),
+            _bench(loss_group, "drep[triton]", "drep", 1e-4, device, device_name, **shape),
+            _bench(loss_group, "drep[cuda]", "drep", 8e-5, device, device_name, **shape),
+            _bench(loss_group, "drep[torch]", "drep", 9e-4, device, device_name, **shape),
+            _bench(merge_group, "floor", "floor", 2e-5, device, device_name, K=768, out=3072),
+            _bench(merge_group, "drep[triton]", "drep", 3e-5, device, device_name, K=768, out=3072),
+        ],
+    }
+
+
+def _report(tmp_path, saved) -> str:
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(saved))
+    assert report.main([str(path), "--out", str(tmp_path), "--print", "none"]) == 0
+    return (tmp_path / "report.md").read_text()
+
+
+def _cells(text, contender, group):
+    block = text.split(f"### `{group}`")[1]
+    row = next(line for line in block.splitlines() if line.startswith(f"| {contender} |"))
+    return [c.strip() for c in row.strip("|").split("|")]
+
+
+def test_gpu_report_prints_predicted_beside_measured(tmp_path):
+    text = _report(tmp_path, _saved("NVIDIA H100 80GB HBM3"))
+    loss_group = "denoise_loss[full]/M1576xK768/bfloat16"
+    for contender, backend, median in [("floor", "floor", 4e-5), ("eager", "eager", 2e-4),
+                                       ("drep[triton]", "triton", 1e-4), ("drep[cuda]", "cuda", 8e-5)]:
+        p = costmodel.predict("denoise_loss", backend, 1576, 768, "bfloat16", H100)
+        assert _cells(text, contender, loss_group)[1:4] == [report.fmt_time(median), report.fmt_time(p),
+                                                           f"{median / p:.2f}"], contender
+    assert _cells(text, "drep[torch]", loss_group)[2:4] == ["-", "-"]  # the torch backend is not modelled
+    p = costmodel.predict("merge_weights", "triton", 0, 768, "tf32", H100, out=3072)
+    assert _cells(text, "drep[triton]", "merge_weights[forward]/out3072xK768/tf32")[2] == report.fmt_time(p)
+    summary = text.split("## Summary")[1]
+    assert "| drep median | predicted | x floor |" in summary
+    best = costmodel.predict("denoise_loss", "cuda", 1576, 768, "bfloat16", H100)
+    assert f"| drep[cuda] | 80 us | {report.fmt_time(best)} |" in summary
+
+
+def test_gpu_report_on_another_card_predicts_nothing(tmp_path):
+    text = _report(tmp_path, _saved("NVIDIA A100-SXM4-80GB"))
+    assert _cells(text, "drep[triton]", "denoise_loss[full]/M1576xK768/bfloat16")[2:4] == ["-", "-"]
+
+
+def test_cpu_report_has_no_prediction(tmp_path):
+    text = _report(tmp_path, _saved("AMD EPYC (2 logical cores)", device="cpu"))
+    assert "predicted" not in text and "meas / pred" not in text
