@@ -23,14 +23,12 @@ def _seed_draw() -> list[Kernel]:
 
 
 def _autograd_tail(K: int, dt: Dtype) -> list[Kernel]:
-    """loss.backward(): the root gradient (ones_like); the custom op's autograd materializes
-    zero gradients for its two non-differentiable outputs (K x K, K float32); _backward scales
-    the saved gradients by grad_loss (mul) and casts them to the weight dtype (a no-op for
-    float32 weights)."""
+    """loss.backward(): the root gradient (ones_like); _backward scales the saved gradients by
+    grad_loss (mul) and casts them to the weight dtype (a no-op for float32 weights). (The op
+    does not materialize gradients for its non-differentiable outputs: no K x K zeros.)"""
     cast = dt.size != ACC
     ks = [
         stream("ones_like (root gradient)", 4),
-        stream("zeros: materialized grads of the gradient outputs", K * K * ACC + K * ACC, launches=2),
         stream("grad_loss * dL/dW_d", 2 * K * K * ACC),
         stream("grad_loss * dL/db_d", 2 * K * ACC),
     ]

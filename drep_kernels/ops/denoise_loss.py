@@ -49,11 +49,15 @@ def _setup_context(ctx, inputs, output):
     _, denoise_weight, denoise_bias, *_ = inputs
     _, grad_weight, grad_bias = output
     ctx.mark_non_differentiable(grad_weight, grad_bias)
+    # The gradient outputs get no gradient: no K x K zeros filled for them before backward.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad_weight, grad_bias)
     ctx.weight_dtype = denoise_weight.dtype
 
 
 def _backward(ctx, grad_loss, _grad_gw, _grad_gb):
+    if grad_loss is None:  # (without materialized grads) nothing flowed into the loss
+        return (None,) * 9
     grad_weight, grad_bias = ctx.saved_tensors
     need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     if (need_w and grad_weight.numel() == 0) or (need_b and grad_bias.numel() == 0):
