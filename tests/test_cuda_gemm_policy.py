@@ -129,7 +129,8 @@ def test_merge_gemms(host, dtype, way):
     # alpha = -c1.
     out, k = 11, 7
     g = torch.Generator().manual_seed(2)
-    w, b, wd, bd, gw, gb = (torch.randn(*s, generator=g).to(dtype) for s in [(out, k), (out,), (k, k), (k,), (out, k), (out,)])
+    shapes = [(out, k), (out,), (k, k), (k,), (out, k), (out,)]
+    w, b, wd, bd, gw, gb = (torch.randn(*s, generator=g).to(dtype) for s in shapes)
     calls(host)
     with tf32(way):
         host.merge_weights_fwd(w, b, wd, bd, C1, C3)

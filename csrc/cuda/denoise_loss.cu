@@ -34,20 +34,21 @@
 //
 //                                     K = 768             K = 3072
 //   rows per chunk R, chunks          10880, 2            2688, 5
-//   launches                          5 per chunk + 6 = 16      5 per chunk + 6 = 31
+//   launches (5 per chunk + 6)        16                  31
 //   W_d reads (2 K^2 B per chunk)     0.24 B/elem         2.44 B/elem
 //   C (4 K^2 B, then 8 K^2 per chunk) 0.73 B/elem         8.77 B/elem
 //   total HBM traffic                 21.1 B/elem         31.3 B/elem
 //                                     (204 MB)            (1.21 GB)
 //   Philox calls                      1/2 per element (two passes of one call per four)
-//   GEMM FLOPs (each of the two)      2 M K^2 = 14.9 GFLOP   2 M K^2 = 238 GFLOP
+//   GEMM FLOPs, each of the two       14.9 GFLOP          238 GFLOP      (2 M K^2)
 //   workspace (x_noisy 2 + p 4 + G' 2 B per chunk element, R K <= 2^23)
 //                                     63.75 MiB           63.0 MiB
-// (float32 input: 8 B/elem more (x, x_noisy and G' at 4 B; G' overwrites p's buffer), the same
-// 64 MiB bound; float64: twice float32's bytes, 128 MiB.) Beyond the workspace: the block
-// partials, R K / 16 B per chunk (0.5 MiB), and the outputs. The C term is the price of the
-// bounded workspace: it is 8 K / R B per element for every chunk after the first, so it grows
-// as K^2 for a fixed 2^23-element chunk (R = 2^23 / K).
+// (float32 input: 32 B/elem before the K x K terms instead of 20 (x, x_noisy and G' at 4 B), the
+// same 64 MiB bound (G' overwrites p's buffer); float64: twice float32's bytes, 128 MiB. A cuBLAS
+// call counts as one launch. Given noise: no Philox call, its bytes read twice.) Beyond the
+// workspace: the block partials, R K / 16 B per chunk (0.5 MiB), and the outputs. The C term is
+// the price of the bounded workspace: it is 8 K / R B per element for every chunk after the
+// first, so it grows as K^2 for a fixed 2^23-element chunk (R = 2^23 / K).
 // G' is stored without the 1 / n so that fp16 does not underflow (G = G' / n would be ~1e-9 for
 // large batches); fp16 stores G' 2^-14 so that it overflows only past |D| ~ 5.4e8, and saturates
 // there (grad_to_gemm); GEMM 2's alpha undoes both.
