@@ -133,6 +133,28 @@ class _BuildExt(BuildExtension.with_options(use_ninja=True)):
             f.write(_build.build_info_source(DECISION, FOUND, arch))
 
 
+def _cublas_library() -> str:
+    """The cuBLAS library the CUDA kernels link (csrc/cuda/common.cuh calls cublasGemmEx), from
+    where the build's cuBLAS headers come: beside pip's nvidia-* include dirs when the decision
+    uses them, else the toolkit. Linked by path, so the extension records the soname
+    (libcublas.so.<major>) that torch's own CUDA library loads: importing the extension then
+    resolves every cuBLAS symbol, or fails at once naming it."""
+    if DECISION.include_dirs:
+        dirs = [os.path.join(os.path.dirname(inc), "lib") for inc in DECISION.include_dirs]
+    else:
+        dirs = [os.path.join(CUDA_HOME, sub) for sub in ("lib64", "lib")]
+    for directory in dirs:
+        # "libcublas.so*" is cuBLAS itself, never cuBLASLt; the shortest name is the link name
+        # (libcublas.so) when there is one, else the soname.
+        found = sorted(glob.glob(os.path.join(directory, "libcublas.so*")), key=len)
+        if found:
+            return found[0]
+    raise RuntimeError(
+        f"drep_kernels: the CUDA kernels call cuBLAS, but no libcublas.so* was found in {dirs} "
+        "(where this build's cuBLAS headers are). Install the CUDA toolkit's cuBLAS, or FORCE_CUDA=0."
+    )
+
+
 def _extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # No -std flag: torch.utils.cpp_extension picks the standard its headers need (C++20 for
@@ -158,7 +180,7 @@ def _extension():
         include_dirs=[os.path.join(ROOT, "csrc"), *DECISION.include_dirs],
         define_macros=[("DREP_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
-        extra_link_args=link_flags,
+        extra_link_args=link_flags + [_cublas_library()],
     )
 
 

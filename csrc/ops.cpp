@@ -66,6 +66,6 @@ TORCH_LIBRARY(drep, m) {
       "Tensor? noise, Tensor seed, bool compute_grad) -> (Tensor, Tensor, Tensor)");
   // Test hook: rows row0 .. row0 + rows - 1 of the noise matrix (cols columns) of `seed` as
   // the backend of `like`'s device draws it inside denoise_loss_fwd (N1), float32. The CUDA
-  // kernel answers with its per-element path (the loss epilogue's) when per_element is set.
+  // kernel answers with its loss epilogue's path (its thread layout) when per_element is set.
   m.def("_denoise_noise(Tensor like, Tensor seed, int row0, int rows, int cols, bool per_element) -> Tensor");
 }

@@ -106,19 +106,4 @@ DREP_HOST_DEVICE void philox_normal4(uint64_t seed, uint64_t counter, float out[
   }
 }
 
-// eps[m, k] of an M x `cols` noise matrix (N1), alone: one Philox call for one normal. Kernels
-// that own whole groups of four use philox_normal4 instead.
-DREP_HOST_DEVICE float noise_at(uint64_t seed, uint64_t m, uint64_t k, uint64_t cols) {
-  uint32_t w[4];
-  philox_words(seed, m * ((cols + 3) / 4) + k / 4, w);
-  const int j = static_cast<int>(k % 4);
-  // The pair's words picked by selects, not w[runtime index]: that would put w in local memory.
-  const bool second_pair = j >= 2;
-  const uint32_t radius_word = second_pair ? w[2] : w[0];
-  const uint32_t angle_word = second_pair ? w[3] : w[1];
-  float s, c;
-  box_muller_sin_cos(angle_word, &s, &c);
-  return box_muller_radius(radius_word) * (j % 2 == 0 ? c : s);
-}
-
 }  // namespace drep

@@ -388,20 +388,22 @@ def test_denoise_loss_empty_batch(cuda_backend, dtype):
 
 
 @needs_gpu
-@pytest.mark.parametrize("per_element", [False, True], ids=["groups-of-four", "per-element"])
-@pytest.mark.parametrize("cols", [1, 3, 37, 64])
+@pytest.mark.parametrize("per_element", [False, True], ids=["prologue", "epilogue"])
+@pytest.mark.parametrize("rows,cols", [(5, 1), (5, 3), (5, 37), (5, 64), (130, 261)])
 @pytest.mark.parametrize("row0", [0, 2**38 + 5])
-def test_noise_paths_match_rng(per_element, cols, row0):
-    # Both of the kernel's noise paths, N1 against rng.py, at counters past 2^32 too (row0 Q).
+def test_noise_paths_match_rng(per_element, rows, cols, row0):
+    # Both of the kernel's noise paths (the prologue's and the loss epilogue's thread layouts),
+    # N1 against rng.py, at counters past 2^32 too (row0 Q); 130 x 261 spans 3 x 3 epilogue
+    # tiles of 64 x 128, the last rows and group of four cut.
     seed = 2**33 + 7
     like = torch.empty(0, device="cuda")
-    got = torch.ops.drep._denoise_noise(like, torch.tensor(seed), row0, 5, cols, per_element)
-    want = rng.normal(seed, 5, cols, device="cuda", row0=row0)
+    got = torch.ops.drep._denoise_noise(like, torch.tensor(seed), row0, rows, cols, per_element)
+    want = rng.normal(seed, rows, cols, device="cuda", row0=row0)
     torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
 
 
 @needs_gpu
-@pytest.mark.parametrize("per_element", [False, True], ids=["groups-of-four", "per-element"])
+@pytest.mark.parametrize("per_element", [False, True], ids=["prologue", "epilogue"])
 def test_noise_radius_clamp(per_element):
     # Counters whose radius uniform N1 clamps at 1e-7 (tests/conftest.py): rows of 4 columns.
     like = torch.empty(0, device="cuda")
@@ -426,8 +428,8 @@ def test_seeded_noise_is_the_torch_backends(seed):
     n = m * k
     assert_close(gb, ((-torch.sign(eps) - 2 * eps).sum(0) / n), 2e-5, 1e-9, "db (eps per column)")
     assert_close(loss, (eps.abs().mean() + eps.square().mean()), 2e-5, 1e-7, "loss")
-    # x_noisy = eps (the prologue's noise, groups of four) and D = -eps (the epilogue's, per
-    # element): dW_d = G^T x_noisy = -(sign eps + 2 eps)^T eps / n ties the two together.
+    # x_noisy = eps (the prologue's noise) and D = -eps (the epilogue's, drawn again in its own
+    # layout): dW_d = G^T x_noisy = -(sign eps + 2 eps)^T eps / n ties the two together.
     assert_close(gw, -(torch.sign(eps) + 2 * eps).T @ eps / n, 2e-5, 1e-7, "dW_d (both noise paths)")
 
     # Any input: the cuda backend and the torch backend see the same noise. b_d = 8 keeps D off
@@ -438,6 +440,36 @@ def test_seeded_noise_is_the_torch_backends(seed):
     ref = kernels("torch").denoise_loss_fwd(x, wd, bd, A, S, None, seed_t, True)
     for name, g, r in zip(("loss", "dW_d", "db_d"), got, ref):
         _check(g, r, torch.float32, name)
+
+
+@needs_gpu
+def test_float32_on_tf32_exactly_when_torch_is():
+    """float32 GEMMs run on TF32 iff torch's float32 matmuls do (fp32_precision = "tf32"): the
+    loss and the merge then change, and stay within float16's tolerances (TF32 keeps float16's
+    10 mantissa bits); with the default they are float32's."""
+    x, wd, bd = _loss_inputs(1536, 768, torch.float32)
+    eps = _randn(1536, 768, dtype=torch.float32, seed=7)
+    w, b, mwd, mbd = _merge_inputs(768, 1536, torch.float32, True, True)
+
+    def run():
+        loss = torch.ops.drep.denoise_loss_fwd(x, wd, bd, A, S, eps, torch.tensor(0), True)
+        return loss, torch.ops.drep.merge_weights_fwd(w, b, mwd, mbd, C1, C3)
+
+    ieee = run()
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        fast = run()
+    finally:
+        matmul.fp32_precision = saved
+    ew, eb = oracle.merge(_d(w), _d(b), _d(mwd), _d(mbd), C1, C3)
+    for (loss, merged), dtype in ((ieee, torch.float32), (fast, torch.float16)):
+        _check_loss(loss, x, wd, bd, eps, dtype)
+        _check(merged[0], ew, dtype, "merged_weight")
+        _check(merged[1], eb, dtype, "merged_bias")
+    assert not torch.equal(ieee[0][1], fast[0][1]), "dL/dW_d: TF32 on, yet the float32 result"
+    assert not torch.equal(ieee[1][0], fast[1][0]), "W': TF32 on, yet the float32 result"
 
 
 @needs_gpu

@@ -134,11 +134,12 @@ def test_loss_seeded_matches_torch_backend(host, m, k, bias):
     check_loss(got, want, torch.float32, bias=bias, tol=(1e-5, 1e-7))
 
 
-@pytest.mark.parametrize("m,k", [(127, 127), (300, 127)])
+@pytest.mark.parametrize("m,k", [(127, 127), (300, 127), (300, 261)])
 def test_seeded_loss_equals_its_noise_given_explicitly(host, m, k):
-    # The prologue draws eps four at a time (philox_normal4), the epilogue one element at a time
-    # (noise_at): both must be N1's eps[m, k] in every tile and chunk, so the seeded run is
-    # bitwise the run given the per-element hook's noise.
+    # The prologue and the epilogue each draw eps four at a time, in their own thread layouts:
+    # both must be N1's eps[m, k] in every tile and chunk, so the seeded run is bitwise the run
+    # given the epilogue hook's noise. K = 261: three 128-column epilogue tiles, the last group
+    # cut to one column; 300 rows: several 64-row tiles and three chunks.
     x, w, b, _ = loss_inputs(m, k, torch.float32, bias=True, seed=5)
     seed = torch.tensor(2**33 + 12345, dtype=torch.int64)
     eps = host._denoise_noise(torch.empty(0), seed, 0, m, k, True)
@@ -240,7 +241,7 @@ def test_loss_empty_batch(host):
 
 # --- the noise (N1): the CUDA kernels' two paths against rng and the CPU kernel ---------------
 
-@pytest.mark.parametrize("per_element", [False, True], ids=["groups-of-4", "per-element"])
+@pytest.mark.parametrize("per_element", [False, True], ids=["prologue", "epilogue"])
 @pytest.mark.parametrize("seed", [0, 2**62 + 3])
 @pytest.mark.parametrize("row0", [0, 2**38 + 5])
 @pytest.mark.parametrize("cols", [1, 3, 37])
@@ -255,7 +256,19 @@ def test_noise_matches_rng_and_cpu_kernel(host, per_element, seed, row0, cols):
     torch.testing.assert_close(got, cpu, rtol=2e-6, atol=2e-6)
 
 
-@pytest.mark.parametrize("per_element", [False, True], ids=["groups-of-4", "per-element"])
+def test_epilogue_noise_in_every_tile(host):
+    # The epilogue's layout (64 x 128 tiles, groups of four columns per thread) over 3 x 3 tiles,
+    # the last rows and group cut, at counters past 2^32: the same Philox outputs as the
+    # prologue's (bitwise: the same host arithmetic) and as rng.
+    seed_t = torch.tensor(2**62 + 3, dtype=torch.int64)
+    row0, rows, cols = 2**38 + 5, 130, 261
+    epilogue = host._denoise_noise(torch.empty(0), seed_t, row0, rows, cols, True)
+    prologue = host._denoise_noise(torch.empty(0), seed_t, row0, rows, cols, False)
+    assert torch.equal(epilogue, prologue)
+    torch.testing.assert_close(epilogue, rng.normal(2**62 + 3, rows, cols, row0=row0), rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("per_element", [False, True], ids=["prologue", "epilogue"])
 def test_noise_radius_clamp(host, per_element):
     # Counters whose radius uniform N1 clamps at 1e-7 (tests/conftest.py): rows of 4 columns.
     seed_t = torch.tensor(CLAMP_SEED, dtype=torch.int64)

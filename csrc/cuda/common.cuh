@@ -1,16 +1,19 @@
-// Helpers shared by the CUDA kernels: GEMMs with a float32 (float64) result whatever the
-// operand dtype, the launch shape of the elementwise kernels, the device checks, and the two
-// macros (launch, registration) through which tests/cuda_host runs these sources on the CPU.
+// Helpers shared by the CUDA kernels: the GEMM (cuBLAS, the precision policy), the launch shape
+// of the elementwise kernels, the device checks, and the two macros (launch, registration)
+// through which tests/cuda_host runs these sources on the CPU.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <torch/version.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
+
+#include "../common.h"
 
 #ifndef DREP_CUDA_ON_HOST
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/Exceptions.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -22,16 +25,6 @@
 // The kernels are drep's CUDA kernels; the host build registers them for CPU tensors under a
 // test namespace instead (drep's CPU kernels are csrc/cpu's).
 #define DREP_CUDA_KERNELS(m) TORCH_LIBRARY_IMPL(drep, CUDA, m)
-#endif
-
-// aten::mm.dtype (float16/bfloat16 operands, float32 result, float32 accumulation in cuBLAS)
-// exists from torch 2.8. Without it (or built with -DDREP_UPCAST_GEMM, to test that path) the
-// half-precision operands are upcast to float32 copies first: the same result up to the
-// accumulation order, one extra pass over each operand, and no tensor cores unless TF32 is on.
-#if !defined(DREP_UPCAST_GEMM) && (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8))
-#define DREP_HALF_GEMM_FP32_OUT 1
-#else
-#define DREP_HALF_GEMM_FP32_OUT 0
 #endif
 
 namespace drep {
@@ -51,38 +44,125 @@ inline unsigned int blocks_for(int64_t n) {
   return static_cast<unsigned int>(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 16));
 }
 
-inline bool is_half(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+// --- GEMMs: the precision policy (docs/method.md, "Precision") in one place -----------------
+// Operands of one dtype go to cuBLAS as they are: bfloat16/float16 on tensor cores with float32
+// accumulation and a float32 result; float32 in full float32, or on TF32 tensor cores exactly
+// when torch's own float32 matmuls use them; float64 in float64. gemm_compute_type decides,
+// and gemm is its only caller: every GEMM of the loss and the merge follows it. The host build
+// (tests/cuda_host/cublas_host.h) runs this same code against a CPU cublasGemmEx that records
+// each call, so the tests see the very arguments a GPU run passes.
 
-// out (m x n, float32 or float64) = a (m x k) @ b (k x n). Half-precision operands of one dtype
-// go to cuBLAS as they are (tensor cores, float32 accumulate and result); anything else is
-// first cast to out's dtype. `out` may be a view (e.g. the first rows of a chunk buffer).
-// TF32 follows torch.backends.cuda.matmul (off by default), as for any torch matmul.
-inline void mm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  const auto acc = out.scalar_type();
-  TORCH_CHECK(acc == at::kFloat || acc == at::kDouble, "drep: GEMM result must be float32 or float64");
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0) && out.size(0) == a.size(0) &&
-                  out.size(1) == b.size(1),
-              "drep: GEMM shapes do not match: ", a.sizes(), " @ ", b.sizes(), " -> ", out.sizes());
-  if (out.numel() == 0) {
+// The cuBLAS compute type for operands of dtype `operands`. float32: TF32 iff torch's matmul
+// precision for CUDA is TF32 (torch.backends.cuda.matmul.allow_tf32 = True, fp32_precision =
+// "tf32" or torch.set_float32_matmul_precision("high")), the very test torch's own cuBLAS float32
+// GEMMs make; at::Context::allowTF32CuBLAS() would raise when a program mixes the old and new
+// settings, and torch's GEMMs do not ask it.
+inline cublasComputeType_t gemm_compute_type(at::ScalarType operands) {
+  switch (operands) {
+    case at::kHalf:
+    case at::kBFloat16:
+      return CUBLAS_COMPUTE_32F;
+    case at::kFloat:
+      return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+                     at::Float32Precision::TF32
+                 ? CUBLAS_COMPUTE_32F_FAST_TF32
+                 : CUBLAS_COMPUTE_32F;
+    case at::kDouble:
+      return CUBLAS_COMPUTE_64F;
+    default:
+      TORCH_CHECK(false, "drep: GEMM operands must be float16, bfloat16, float32 or float64, got ", operands);
+  }
+}
+
+inline cudaDataType cublas_data_type(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return CUDA_R_16F;
+    case at::kBFloat16:
+      return CUDA_R_16BF;
+    case at::kFloat:
+      return CUDA_R_32F;
+    case at::kDouble:
+      return CUDA_R_64F;
+    default:
+      TORCH_CHECK(false, "drep: no cuBLAS data type for ", t);
+  }
+}
+
+// A row-major GEMM operand X (rows x cols) as column-major cuBLAS reads it, to be used as X^T:
+// X's own memory when one of its strides is 1 (op N over a row-major X, whose column-major
+// reading is X^T; op T over a column-major X), else a contiguous copy (stepped or expanded
+// views). A leading dimension is free where its dimension has one index; cuBLAS still wants it
+// at least the other extent.
+struct BlasOperand {
+  at::Tensor data;  // what `ptr` points into (the copy, when one was needed)
+  cublasOperation_t op;
+  int64_t ld;
+};
+
+inline BlasOperand blas_operand(const at::Tensor& x) {
+  const int64_t rows = x.size(0), cols = x.size(1);
+  const int64_t s0 = x.stride(0), s1 = x.stride(1);
+  if ((cols <= 1 || s1 == 1) && (rows <= 1 || s0 >= std::max<int64_t>(cols, 1))) {
+    return {x, CUBLAS_OP_N, rows <= 1 ? std::max<int64_t>(cols, 1) : s0};
+  }
+  if ((rows <= 1 || s0 == 1) && (cols <= 1 || s1 >= std::max<int64_t>(rows, 1))) {
+    return {x, CUBLAS_OP_T, cols <= 1 ? std::max<int64_t>(rows, 1) : s1};
+  }
+  const at::Tensor copy = x.contiguous();
+  return {copy, CUBLAS_OP_N, std::max<int64_t>(cols, 1)};
+}
+
+inline int blas_int(int64_t v, const char* what) {
+  TORCH_CHECK(v <= std::numeric_limits<int>::max(), "drep: GEMM ", what, " ", v,
+              " exceeds cuBLAS's 32-bit int");
+  return static_cast<int>(v);
+}
+
+// c = alpha a b (accumulate = false: beta = 0, c is not read) or c += alpha a b (beta = 1), with
+// a (m x k) and b (k x n) of one dtype, in any strides, and c (m x n) row-major (unit column
+// stride) in the result dtype of the policy: float32 for bfloat16/float16/float32 operands,
+// float64 for float64. cuBLAS computes column-major, so this asks it for c^T = b^T a^T.
+inline void gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, double alpha = 1.0,
+                 bool accumulate = false) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2 && a.size(1) == b.size(0) && c.size(0) == a.size(0) &&
+                  c.size(1) == b.size(1),
+              "drep: GEMM shapes do not match: ", a.sizes(), " @ ", b.sizes(), " -> ", c.sizes());
+  const auto operands = a.scalar_type();
+  TORCH_CHECK(b.scalar_type() == operands, "drep: GEMM operands must have one dtype, got ", operands, " and ",
+              b.scalar_type());
+  const auto result = compute_dtype(operands);
+  TORCH_CHECK(c.scalar_type() == result, "drep: the GEMM result of ", operands, " operands is ", result, ", got ",
+              c.scalar_type());
+  const int64_t m = c.size(0), n = c.size(1), k = a.size(1);
+  TORCH_CHECK((n <= 1 || c.stride(1) == 1) && (m <= 1 || c.stride(0) >= n),
+              "drep: the GEMM result must be row-major, got strides ", c.strides());
+  if (m == 0 || n == 0) {
     return;
   }
-  if (a.size(1) == 0) {  // an empty sum
-    out.zero_();
+  if (k == 0) {  // an empty sum
+    if (!accumulate) {
+      c.zero_();
+    }
     return;
   }
-  if (a.scalar_type() == acc && b.scalar_type() == acc) {
-    at::mm_out(out, a, b);
-    return;
-  }
-  // aten::mm.dtype has no CPU kernel: the host build (tests/cuda_host) takes the upcast below,
-  // which gives the same products (exact in float32) and float32 sums.
-#if DREP_HALF_GEMM_FP32_OUT && !defined(DREP_CUDA_ON_HOST)
-  if (acc == at::kFloat && a.scalar_type() == b.scalar_type() && is_half(a.scalar_type())) {
-    at::mm_out(out, a, b, acc);
-    return;
-  }
-#endif
-  at::mm_out(out, a.to(acc), b.to(acc));
+  const cublasComputeType_t compute = gemm_compute_type(operands);
+  const BlasOperand lhs = blas_operand(b);  // cuBLAS's A: b^T (n x k)
+  const BlasOperand rhs = blas_operand(a);  // cuBLAS's B: a^T (k x m)
+  const int64_t ldc = m <= 1 ? n : c.stride(0);
+  // alpha and beta in the compute precision (cuBLAS's scale type), read on the host.
+  const double beta = accumulate ? 1.0 : 0.0;
+  const float alpha_f = static_cast<float>(alpha), beta_f = static_cast<float>(beta);
+  const bool f64 = compute == CUBLAS_COMPUTE_64F;
+  const void* alpha_ptr = f64 ? static_cast<const void*>(&alpha) : static_cast<const void*>(&alpha_f);
+  const void* beta_ptr = f64 ? static_cast<const void*>(&beta) : static_cast<const void*>(&beta_f);
+  const cudaDataType type = cublas_data_type(operands);
+  TORCH_CUDABLAS_CHECK(cublasGemmEx(at::cuda::getCurrentCUDABlasHandle(), lhs.op, rhs.op, blas_int(n, "n"),
+                                    blas_int(m, "m"), blas_int(k, "k"), alpha_ptr, lhs.data.const_data_ptr(), type,
+                                    blas_int(lhs.ld, "leading dimension"), rhs.data.const_data_ptr(), type,
+                                    blas_int(rhs.ld, "leading dimension"), beta_ptr, c.data_ptr(),
+                                    cublas_data_type(result), blas_int(ldc, "leading dimension"), compute,
+                                    CUBLAS_GEMM_DEFAULT));
 }
 
 inline void check_cuda(const at::Tensor& t, const char* name, const at::Device& device) {

@@ -1,38 +1,66 @@
 // CUDA kernel of drep::denoise_loss_fwd: the loss (docs/method.md, L1) and its gradients
 // dL/dW_d, dL/db_d (L2) in one pass over x, nothing of size M x K returned or kept.
 //
-// Design (first version, written without a GPU; see "Fully fused" below):
-// x (M x K) is processed in chunks of R rows (R K <= kChunkElems = 2^23 elements, at least 128
-// rows), one after the other on the current stream. Per chunk:
-//   1. noisy_input_kernel: x_noisy = a x + s eps (L1) into a chunk buffer in the GEMM dtype
-//      (the input dtype: bf16/fp16/fp32/fp64); eps is the counter-based stream of csrc/philox.h
-//      at (m, k) (N1), or the given noise; x and noise are read with their strides.
-//   2. cuBLAS GEMM (aten::mm, float32 accumulate and result; tensor cores for bf16/fp16):
-//      p = x_noisy W_d^T.
-//   3. loss_epilogue_kernel: regenerates eps per element from its counter, D = p + b_d - eps,
-//      |D| + D^2 summed per block (fixed-order tree), G' = sign(D) + 2 D written over the chunk
-//      (in the GEMM dtype) and its column sums per 64-row tile (L2).
+// Design. x (M x K) is processed in chunks of R rows (R K <= kChunkElems = 2^23 elements, R a
+// multiple of 128 and at least 128), one after the other on the current stream. Per chunk, five
+// launches:
+//   1. noisy_input_kernel: x_noisy = a x + s eps (L1), rounded once to the input dtype (the GEMM
+//      dtype), into a chunk buffer; eps is N1's counter-based stream (csrc/philox.h), one Philox
+//      call per group of four columns, or the given noise; x and noise are read with strides.
+//   2. GEMM 1 (cuBLAS, common.cuh gemm, beta = 0): p = x_noisy W_d^T, float32 result.
+//   3. loss_epilogue_kernel: eps regenerated per group of four (one Philox call each, as in 1),
+//      D = p + b_d - eps, |D| + D^2 summed per block (fixed-order tree), G' = sign(D) + 2 D
+//      written over the chunk in the GEMM dtype, and its column sums per 64-row tile (L2).
 //   4. finalize_chunk_kernel: adds the chunk's block partials, in index order and in float64,
 //      to the running loss and dL/db_d sums.
-//   5. cuBLAS GEMM: dL/dW_d += G'^T x_noisy (chunk 0 writes, later chunks add in chunk order).
-// At the end the sums are divided by n = M K. G' is stored without the 1 / n so that fp16 does
-// not underflow (G = G' / n would be ~1e-9 for large batches); fp16 stores G' 2^-14 so that it
-// overflows only past |D| ~ 5.4e8, and saturates there (grad_to_gemm).
+//   5. GEMM 2 (cuBLAS, common.cuh gemm): dL/dW_d = alpha G'^T x_noisy accumulated in float32 in
+//      place: chunk 0 writes (beta = 0), later chunks add (beta = 1), alpha = 1 / (M K) (G = G' /
+//      (M K), L2) times the float16 scale below.
+// GEMM operands, results and compute types follow the policy of common.cuh (bf16/fp16 operands
+// on tensor cores with float32 accumulation; float32 in float32 or TF32 as torch's matmuls;
+// float64 in float64). Around the loop: two fills (the float64 sums), and at the end four small
+// launches (loss and dL/db_d divided by M K, cast to the result dtype).
+//
+// Counted, bfloat16 input, M = 12608 rows, per element of x (M K elements). Bytes are the least
+// HBM traffic of each launch (every operand read once; a GEMM's re-reads of its tiles from L2
+// not counted); "W_d" and "C" are the per-chunk K x K terms spread over the chunk's elements.
+//
+//   launch (per chunk)      reads (B/elem)           writes (B/elem)      Philox calls/elem
+//   noisy_input_kernel      x 2                      x_noisy 2            1/4
+//   GEMM 1 (beta 0)         x_noisy 2 + W_d          p 4 (float32)        -
+//   loss_epilogue_kernel    p 4                      G' 2, col sums 1/16  1/4
+//   finalize_chunk_kernel   col sums 1/16            -                    -
+//   GEMM 2 (beta 0, then 1) G' 2 + x_noisy 2 + C     C                    -
+//
+//                                     K = 768             K = 3072
+//   rows per chunk R, chunks          10880, 2            2688, 5
+//   launches (5 per chunk + 6)        16                  31
+//   W_d reads (2 K^2 B per chunk)     0.24 B/elem         2.44 B/elem
+//   C (4 K^2 B, then 8 K^2 per chunk) 0.73 B/elem         8.77 B/elem
+//   total HBM traffic                 21.1 B/elem         31.3 B/elem
+//                                     (204 MB)            (1.21 GB)
+//   Philox calls                      1/2 per element (two passes of one call per four)
+//   GEMM FLOPs, each of the two       14.9 GFLOP          238 GFLOP      (2 M K^2)
+//   workspace (x_noisy 2 + p 4 + G' 2 B per chunk element, R K <= 2^23)
+//                                     63.75 MiB           63.0 MiB
+// (float32 input: 32 B/elem before the K x K terms instead of 20 (x, x_noisy and G' at 4 B), the
+// same 64 MiB bound (G' overwrites p's buffer); float64: twice float32's bytes, 128 MiB. A cuBLAS
+// call counts as one launch. Given noise: no Philox call, its bytes read twice.) Beyond the
+// workspace: the block partials, R K / 16 B per chunk (0.5 MiB), and the outputs. The C term is
+// the price of the bounded workspace: it is 8 K / R B per element for every chunk after the
+// first, so it grows as K^2 for a fixed 2^23-element chunk (R = 2^23 / K).
+// G' is stored without the 1 / n so that fp16 does not underflow (G = G' / n would be ~1e-9 for
+// large batches); fp16 stores G' 2^-14 so that it overflows only past |D| ~ 5.4e8, and saturates
+// there (grad_to_gemm); GEMM 2's alpha undoes both.
 // Deterministic: no atomics; every sum has a fixed order for fixed (M, K); cuBLAS GEMMs are
 // bitwise reproducible for fixed shapes on one GPU model and cuBLAS version.
-// Memory beyond the outputs: x_noisy, p and G' for one chunk (G' reuses p's buffer when both
-// are float32/float64) of min(M K, 2^23) elements each: at most 64 MiB (bf16/fp16/fp32) or
-// 128 MiB (fp64), plus R K / 2048 block partials (the 128-row floor exceeds this only for
-// K > 2^16, where the K x K gradient is already 16 GiB).
 //
 // Fully fused (awaits GPU measurement): one tensor-core kernel per row tile would build the
 // x_noisy tile in shared memory (prologue of GEMM 1), keep p in registers, apply bias, D, |D|,
 // D^2 and G' in the epilogue, and feed G' and x_noisy straight into GEMM 2 (a split-K over rows
 // with a fixed-order reduction of the K x K partials), so x_noisy, p and G' never reach global
-// memory: for bf16, 2 bytes of traffic per element of x instead of about 20 (x, x_noisy twice
-// more, p and G' each written and read) and one launch instead of five or six per chunk.
-// Whether own mma/WMMA tiles, cuBLASLt epilogues or CUTLASS win, and by how much over this
-// version, has to be measured on a GPU first.
+// memory: for bf16, 2 bytes of traffic per element of x instead of about 20, and one launch per
+// chunk instead of five.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -51,14 +79,17 @@ namespace {
 #define DREP_LOSS_CHUNK_ELEMS (int64_t(1) << 23)
 #endif
 constexpr int64_t kChunkElems = DREP_LOSS_CHUNK_ELEMS;
-constexpr int64_t kMinChunkRows = 128;              // GEMM-friendly floor for very wide K
-constexpr int kTileCols = 32;                       // epilogue block: 32 columns (one warp) ...
-constexpr int kRowLanes = 8;                        // ... by 8 row lanes ...
-constexpr int kRowsPerLane = 8;                     // ... each walking 8 rows:
-constexpr int kTileRows = kRowLanes * kRowsPerLane;  // a 64 x 32 tile per block
+constexpr int64_t kMinChunkRows = 128;  // GEMM-friendly floor for very wide K
+// The epilogue block: 32 groups of four columns (one warp: 128 columns) by 8 row lanes, each
+// lane walking 8 rows: a 64 x 128 tile, 32 elements and 8 Philox calls per thread.
+constexpr int kGroupLanes = 32;
+constexpr int kRowLanes = 8;
+constexpr int kRowsPerLane = 8;
+constexpr int kTileCols = 4 * kGroupLanes;
+constexpr int kTileRows = kRowLanes * kRowsPerLane;
 constexpr int64_t kMaxGridY = 65535;
 constexpr int kFinalThreads = 256;
-static_assert(kTileCols * kRowLanes == kFinalThreads, "the epilogue block tree-reduces 256 values");
+static_assert(kGroupLanes * kRowLanes == kFinalThreads, "the epilogue block tree-reduces 256 values");
 
 // Where eps comes from: the given noise tensor (any float dtype and strides) or the counter-based
 // stream of `seed` (docs/method.md N1).
@@ -84,14 +115,7 @@ __device__ __forceinline__ NoiseSource with_seed(NoiseSource ns) {
 }
 
 template <typename acc_t>
-__device__ __forceinline__ acc_t eps_at(NoiseSource ns, int64_t m, int64_t col) {
-  if (ns.ptr == nullptr) {
-    // N1: a pure function of (seed, m, col) (64-bit counters). One Philox call per element
-    // (the epilogue's threads own columns, not groups of four): a GPU run will tell whether
-    // regrouping pays.
-    return static_cast<acc_t>(
-        noise_at(ns.seed, static_cast<uint64_t>(m), static_cast<uint64_t>(col), static_cast<uint64_t>(ns.k)));
-  }
+__device__ __forceinline__ acc_t given_noise(const NoiseSource& ns, int64_t m, int64_t col) {
   const int64_t off = m * ns.s0 + col * ns.s1;
   switch (ns.kind) {
     case 0:
@@ -105,12 +129,34 @@ __device__ __forceinline__ acc_t eps_at(NoiseSource ns, int64_t m, int64_t col) 
   }
 }
 
+// eps of row m, columns 4q .. 4q + 3 (entries past K are not eps and never read). Seeded: N1's
+// counter m ceil(K / 4) + q (64-bit), one Philox call for the four. Every kernel of this file
+// draws its noise here, the prologue and the epilogue alike. e is indexed by constants only
+// (its callers unroll), so it stays in registers.
+template <typename acc_t>
+__device__ __forceinline__ void noise_group(const NoiseSource& ns, int64_t m, int64_t q, acc_t e[4]) {
+  if (ns.ptr == nullptr) {
+    float four[4];
+    philox_normal4(ns.seed, static_cast<uint64_t>(m) * static_cast<uint64_t>((ns.k + 3) / 4) + static_cast<uint64_t>(q),
+                   four);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      e[j] = static_cast<acc_t>(four[j]);
+    }
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int64_t col = 4 * q + j;
+    e[j] = col < ns.k ? given_noise<acc_t>(ns, m, col) : acc_t(0);
+  }
+}
+
 // L1 prologue: x_noisy[r, k] = a x[row0 + r, k] + s eps[row0 + r, k] for the chunk's rows,
-// written row-major (ld = K) in the GEMM dtype. One thread per group of four columns (one N1
-// counter: one Philox call gives the group's four normals).
-template <typename scalar_t, typename gemm_t, typename acc_t>
+// written row-major (ld = K) in the GEMM dtype. One thread per group of four columns.
+template <typename scalar_t, typename acc_t>
 __global__ void noisy_input_kernel(const scalar_t* x, int64_t xs0, int64_t xs1, NoiseSource ns, acc_t a, acc_t s,
-                                   int64_t row0, int64_t rows, int64_t k, gemm_t* x_noisy) {
+                                   int64_t row0, int64_t rows, int64_t k, scalar_t* x_noisy) {
   ns = with_seed(ns);
   const int64_t groups = (k + 3) / 4;
   const int64_t n = rows * groups;
@@ -119,23 +165,19 @@ __global__ void noisy_input_kernel(const scalar_t* x, int64_t xs0, int64_t xs1, 
     const int64_t r = i / groups;
     const int64_t q = i - r * groups;
     const int64_t m = row0 + r;
-    float four[4];
-    if (ns.ptr == nullptr) {
-      philox_normal4(ns.seed, static_cast<uint64_t>(m) * static_cast<uint64_t>(groups) + static_cast<uint64_t>(q),
-                     four);
-    }
+    acc_t e[4];
+    noise_group(ns, m, q, e);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int64_t col = 4 * q + j;
       if (col < k) {
-        const acc_t e = ns.ptr == nullptr ? static_cast<acc_t>(four[j]) : eps_at<acc_t>(ns, m, col);
-        x_noisy[r * k + col] = static_cast<gemm_t>(a * static_cast<acc_t>(x[m * xs0 + col * xs1]) + s * e);
+        x_noisy[r * k + col] = static_cast<scalar_t>(a * static_cast<acc_t>(x[m * xs0 + col * xs1]) + s * e[j]);
       }
     }
   }
 }
 
-// G' = sign(D) + 2 D in the GEMM dtype, times kGradScale<gemm_t> (undone on dL/dW_d at the end).
+// G' = sign(D) + 2 D in the GEMM dtype, times kGradScale<gemm_t> (undone by GEMM 2's alpha).
 // Every non-zero |G'| is at least 1, so float16 can store G' 2^-14 exactly as it stores G' (2^-14
 // is its smallest normal: no value loses precision), which moves its overflow from |G'| > 65504
 // (|D| ~ 3.3e4) to |G'| > 65504 2^14 (|D| ~ 5.4e8). Beyond that float16 saturates at its largest
@@ -155,42 +197,79 @@ __device__ __forceinline__ gemm_t grad_to_gemm(acc_t grad) {
   }
 }
 
-// L1 / L2 epilogue over a 64 x 32 tile of the chunk: D = p + b_d - eps; the tile's sum of
+// The epilogue's thread layout, shared with the noise test hook: thread (x, y) of block (bx, by)
+// owns the group of four columns bx kGroupLanes + x and the chunk rows by kTileRows + y +
+// kRowLanes j, j < kRowsPerLane.
+struct EpilogueThread {
+  int64_t group;
+  int64_t first_row;
+
+  __device__ __forceinline__ static EpilogueThread here() {
+    return {static_cast<int64_t>(blockIdx.x) * kGroupLanes + threadIdx.x,
+            static_cast<int64_t>(blockIdx.y) * kTileRows + threadIdx.y};
+  }
+  __device__ __forceinline__ int64_t row(int j) const { return first_row + kRowLanes * j; }
+};
+
+dim3 epilogue_grid(int64_t rows, int64_t k) {
+  const int64_t tiles_y = (rows + kTileRows - 1) / kTileRows;
+  TORCH_CHECK(tiles_y <= kMaxGridY, "drep: ", rows, " rows exceed the epilogue's grid");
+  return dim3(static_cast<unsigned int>((k + kTileCols - 1) / kTileCols), static_cast<unsigned int>(tiles_y));
+}
+
+const dim3 kEpilogueBlock(kGroupLanes, kRowLanes);
+
+// L1 / L2 epilogue over a 64 x 128 tile of the chunk: D = p + b_d - eps; the tile's sum of
 // |D| + D^2 goes to loss_part[tile]; with g != nullptr, G' = sign(D) + 2 D (sign(0) = 0) is
 // written at p's position (through grad_to_gemm) and, with col_part != nullptr, the tile's
-// column sums of G' go to col_part[blockIdx.y, col]. g may alias p (same dtype): each element is read, then written,
-// by one thread. All sums run in a fixed order.
+// column sums of G' go to col_part[blockIdx.y, col]. g may alias p (same dtype): each element is
+// read, then written, by one thread. b_d (input dtype, stride bs) may be nullptr. All sums run in
+// a fixed order; the per-thread arrays are indexed by unrolled constants only (registers).
 template <typename gemm_t, typename acc_t>
 __global__ void __launch_bounds__(kFinalThreads)
-    loss_epilogue_kernel(const acc_t* p, gemm_t* g, const acc_t* bias, NoiseSource ns, int64_t row0, int64_t rows,
-                         int64_t k, acc_t* loss_part, acc_t* col_part) {
+    loss_epilogue_kernel(const acc_t* p, gemm_t* g, const gemm_t* bias, int64_t bs, NoiseSource ns, int64_t row0,
+                         int64_t rows, int64_t k, acc_t* loss_part, acc_t* col_part) {
   ns = with_seed(ns);
-  const int tx = static_cast<int>(threadIdx.x), ty = static_cast<int>(threadIdx.y);
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * kTileCols + tx;
-  const int64_t tile_row0 = static_cast<int64_t>(blockIdx.y) * kTileRows;
-  acc_t loss = 0, col_sum = 0;
-  if (col < k) {
-    const acc_t b = bias != nullptr ? bias[col] : acc_t(0);
+  const EpilogueThread me = EpilogueThread::here();
+  const int64_t col0 = 4 * me.group;
+  acc_t loss = 0;
+  acc_t col_sum[4] = {0, 0, 0, 0};
+  if (col0 < k) {
+    acc_t b[4];
 #pragma unroll
-    for (int j = 0; j < kRowsPerLane; ++j) {
-      const int64_t r = tile_row0 + ty + kRowLanes * j;
+    for (int j = 0; j < 4; ++j) {
+      b[j] = bias != nullptr && col0 + j < k ? static_cast<acc_t>(bias[(col0 + j) * bs]) : acc_t(0);
+    }
+#pragma unroll
+    for (int i = 0; i < kRowsPerLane; ++i) {
+      const int64_t r = me.row(i);
       if (r < rows) {
-        const int64_t i = r * k + col;
-        const acc_t d = p[i] + b - eps_at<acc_t>(ns, row0 + r, col);
-        loss += (d < acc_t(0) ? -d : d) + d * d;
-        const acc_t grad = (d > acc_t(0) ? acc_t(1) : (d < acc_t(0) ? acc_t(-1) : acc_t(0))) + acc_t(2) * d;
-        col_sum += grad;
-        if (g != nullptr) {
-          g[i] = grad_to_gemm<gemm_t>(grad);
+        acc_t e[4];
+        noise_group(ns, row0 + r, me.group, e);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (col0 + j < k) {
+            const int64_t at = r * k + col0 + j;
+            const acc_t d = p[at] + b[j] - e[j];
+            loss += (d < acc_t(0) ? -d : d) + d * d;
+            const acc_t grad = (d > acc_t(0) ? acc_t(1) : (d < acc_t(0) ? acc_t(-1) : acc_t(0))) + acc_t(2) * d;
+            col_sum[j] += grad;
+            if (g != nullptr) {
+              g[at] = grad_to_gemm<gemm_t>(grad);
+            }
+          }
         }
       }
     }
   }
   __shared__ acc_t s_loss[kFinalThreads];
   __shared__ acc_t s_col[kRowLanes][kTileCols];
-  const int t = ty * kTileCols + tx;
+  const int t = static_cast<int>(threadIdx.y) * kGroupLanes + static_cast<int>(threadIdx.x);
   s_loss[t] = loss;
-  s_col[ty][tx] = col_sum;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    s_col[threadIdx.y][4 * threadIdx.x + j] = col_sum[j];
+  }
   __syncthreads();
   for (int half = kFinalThreads / 2; half > 0; half /= 2) {
     if (t < half) {
@@ -201,11 +280,13 @@ __global__ void __launch_bounds__(kFinalThreads)
   if (t == 0) {
     loss_part[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = s_loss[0];
   }
-  if (col_part != nullptr && ty == 0 && col < k) {
+  // One thread per column of the tile adds its row lanes in order.
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kTileCols + t;
+  if (col_part != nullptr && t < kTileCols && col < k) {
     acc_t c = 0;
 #pragma unroll
     for (int lane = 0; lane < kRowLanes; ++lane) {
-      c += s_col[lane][tx];
+      c += s_col[lane][t];
     }
     col_part[static_cast<int64_t>(blockIdx.y) * k + col] = c;
   }
@@ -275,87 +356,69 @@ template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_loss_chunks(
     const at::Tensor& x, const at::Tensor& denoise_weight, const std::optional<at::Tensor>& denoise_bias, double a,
     double s, const NoiseSource& ns, bool compute_grad) {
+  // GEMM operands in the input dtype (scalar_t), results and sums in acc_t (common.cuh gemm).
   using acc_t = at::opmath_type<scalar_t>;
-#if DREP_HALF_GEMM_FP32_OUT
-  using gemm_t = scalar_t;  // bf16/fp16 operands straight to the tensor cores
-#else
-  using gemm_t = acc_t;
-#endif
   const auto cdt = c10::CppTypeToScalarType<acc_t>::value;
-  const auto gdt = c10::CppTypeToScalarType<gemm_t>::value;
   const int64_t m = x.size(0), k = x.size(1);
   const auto opts = x.options().dtype(cdt);
   const bool has_bias = denoise_bias.has_value();
   const bool bias_grad = compute_grad && has_bias;
   const auto stream = at::cuda::getCurrentCUDAStream();
 
-  const at::Tensor w_t = denoise_weight.to(gdt).t();  // p = x_noisy W_d^T; a copy only when upcasting
-  const at::Tensor bias = has_bias ? denoise_bias->to(cdt).contiguous() : at::Tensor();
-
   const int64_t rows_max = chunk_rows(m, k);
-  const int64_t tiles_x = (k + kTileCols - 1) / kTileCols;
-  const int64_t tiles_y_max = (rows_max + kTileRows - 1) / kTileRows;
-  at::Tensor x_noisy = at::empty({rows_max, k}, x.options().dtype(gdt));
+  const dim3 grid_max = epilogue_grid(rows_max, k);
+  at::Tensor x_noisy = at::empty({rows_max, k}, x.options());
   at::Tensor p = at::empty({rows_max, k}, opts);
   at::Tensor g;
   if (compute_grad) {
-    g = gdt == cdt ? p : at::empty({rows_max, k}, x.options().dtype(gdt));
+    g = std::is_same_v<scalar_t, acc_t> ? p : at::empty({rows_max, k}, x.options());
   }
-  at::Tensor loss_part = at::empty({tiles_x * tiles_y_max}, opts);
-  at::Tensor col_part = bias_grad ? at::empty({tiles_y_max, k}, opts) : at::Tensor();
+  at::Tensor loss_part = at::empty({static_cast<int64_t>(grid_max.x) * grid_max.y}, opts);
+  at::Tensor col_part = bias_grad ? at::empty({static_cast<int64_t>(grid_max.y), k}, opts) : at::Tensor();
   at::Tensor loss_sum = at::zeros({1}, x.options().dtype(at::kDouble));
   at::Tensor grad_bias_sum = bias_grad ? at::zeros({k}, x.options().dtype(at::kDouble)) : at::Tensor();
   at::Tensor grad_weight = compute_grad ? at::empty({k, k}, opts) : at::Tensor();
-  at::Tensor grad_weight_chunk = compute_grad && rows_max < m ? at::empty({k, k}, opts) : at::Tensor();
+  const double n = static_cast<double>(m) * static_cast<double>(k);
 
   for (int64_t row0 = 0; row0 < m; row0 += rows_max) {
     const int64_t rows = std::min(rows_max, m - row0);
-    at::Tensor x_noisy_c = x_noisy.narrow(0, 0, rows);
-    at::Tensor p_c = p.narrow(0, 0, rows);
+    const at::Tensor x_noisy_c = x_noisy.narrow(0, 0, rows);
+    const at::Tensor p_c = p.narrow(0, 0, rows);
 
     const unsigned int noisy_blocks = cuda::blocks_for(rows * ((k + 3) / 4));
-    DREP_LAUNCH(noisy_blocks, cuda::kThreads, 0, stream, noisy_input_kernel<scalar_t, gemm_t, acc_t>)(
+    DREP_LAUNCH(noisy_blocks, cuda::kThreads, 0, stream, noisy_input_kernel<scalar_t, acc_t>)(
         x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1), ns, static_cast<acc_t>(a), static_cast<acc_t>(s),
-        row0, rows, k, x_noisy_c.mutable_data_ptr<gemm_t>());
+        row0, rows, k, x_noisy_c.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    cuda::mm_acc_out(p_c, x_noisy_c, w_t);  // L1: p = x_noisy W_d^T (b_d added in the epilogue)
+    cuda::gemm(p_c, x_noisy_c, denoise_weight.t());  // L1: p = x_noisy W_d^T (b_d added in the epilogue)
 
-    const int64_t tiles_y = (rows + kTileRows - 1) / kTileRows;
-    const dim3 grid(static_cast<unsigned int>(tiles_x), static_cast<unsigned int>(tiles_y));
-    const dim3 block(kTileCols, kRowLanes);
-    DREP_LAUNCH(grid, block, 0, stream, loss_epilogue_kernel<gemm_t, acc_t>)(
-        p_c.const_data_ptr<acc_t>(), compute_grad ? g.mutable_data_ptr<gemm_t>() : nullptr,
-        has_bias ? bias.const_data_ptr<acc_t>() : nullptr, ns, row0, rows, k, loss_part.mutable_data_ptr<acc_t>(),
-        bias_grad ? col_part.mutable_data_ptr<acc_t>() : nullptr);
+    const dim3 grid = epilogue_grid(rows, k);
+    DREP_LAUNCH(grid, kEpilogueBlock, 0, stream, loss_epilogue_kernel<scalar_t, acc_t>)(
+        p_c.const_data_ptr<acc_t>(), compute_grad ? g.mutable_data_ptr<scalar_t>() : nullptr,
+        has_bias ? denoise_bias->const_data_ptr<scalar_t>() : nullptr, has_bias ? denoise_bias->stride(0) : 0, ns,
+        row0, rows, k, loss_part.mutable_data_ptr<acc_t>(), bias_grad ? col_part.mutable_data_ptr<acc_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     const auto final_blocks = static_cast<unsigned int>((k + kFinalThreads - 1) / kFinalThreads);
     DREP_LAUNCH(final_blocks, kFinalThreads, 0, stream, finalize_chunk_kernel<acc_t>)(
-        loss_part.const_data_ptr<acc_t>(), tiles_x * tiles_y, loss_sum.mutable_data_ptr<double>(),
-        bias_grad ? col_part.const_data_ptr<acc_t>() : nullptr, tiles_y, k,
+        loss_part.const_data_ptr<acc_t>(), static_cast<int64_t>(grid.x) * grid.y, loss_sum.mutable_data_ptr<double>(),
+        bias_grad ? col_part.const_data_ptr<acc_t>() : nullptr, grid.y, k,
         bias_grad ? grad_bias_sum.mutable_data_ptr<double>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     if (compute_grad) {
-      // L2: dL/dW_d = G^T x_noisy, summed over chunks in chunk order (G = G' / n, applied below).
-      const at::Tensor g_c = g.narrow(0, 0, rows);
-      if (row0 == 0) {
-        cuda::mm_acc_out(grad_weight, g_c.t(), x_noisy_c);
-      } else {
-        cuda::mm_acc_out(grad_weight_chunk, g_c.t(), x_noisy_c);
-        grad_weight.add_(grad_weight_chunk);
-      }
+      // L2: dL/dW_d = G^T x_noisy with G = G' / n and G' stored times kGradScale: alpha undoes
+      // both. Accumulated in place over the chunks, in chunk order.
+      cuda::gemm(grad_weight, g.narrow(0, 0, rows).t(), x_noisy_c, 1.0 / (n * kGradScale<scalar_t>), row0 > 0);
     }
   }
 
-  const double n = static_cast<double>(m) * static_cast<double>(k);
   at::Tensor loss = loss_sum.div(n).to(cdt).reshape({});  // L1: mean |D| + mean D^2
   // Absent outputs are 0-element tensors, one per output (outputs must not alias each other).
   if (!compute_grad) {
     return {loss, at::empty({0}, opts), at::empty({0}, opts)};
   }
-  grad_weight.div_(n * kGradScale<gemm_t>);  // G = G' / n, G' stored times kGradScale
   at::Tensor grad_bias = bias_grad ? grad_bias_sum.div(n).to(cdt) : at::empty({0}, opts);
   return {loss, grad_weight, grad_bias};
 }
@@ -412,19 +475,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_loss_fwd_cuda(
   return result;
 }
 
-// One thread per element through eps_at, the loss epilogue's noise (test hook only).
-__global__ void noise_per_element_kernel(NoiseSource ns, int64_t row0, int64_t rows, float* out) {
+// eps as the loss epilogue draws it: its thread layout and noise_group (test hook only).
+__global__ void __launch_bounds__(kFinalThreads)
+    epilogue_noise_kernel(NoiseSource ns, int64_t row0, int64_t rows, float* out) {
   ns = with_seed(ns);
-  const int64_t n = rows * ns.k;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
-    const int64_t r = i / ns.k;
-    out[i] = eps_at<float>(ns, row0 + r, i - r * ns.k);
+  const EpilogueThread me = EpilogueThread::here();
+  const int64_t col0 = 4 * me.group;
+  if (col0 >= ns.k) {
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < kRowsPerLane; ++i) {
+    const int64_t r = me.row(i);
+    if (r < rows) {
+      float e[4];
+      noise_group(ns, row0 + r, me.group, e);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (col0 + j < ns.k) {
+          out[r * ns.k + col0 + j] = e[j];
+        }
+      }
+    }
   }
 }
 
 // drep::_denoise_noise (test hook, csrc/ops.cpp): eps rows as this file's kernels draw them:
-// the prologue's groups of four (noisy_input_kernel with x = 0, a = 0, s = 1), or per element.
+// the prologue's (noisy_input_kernel with x = 0, a = 0, s = 1), or with per_element the loss
+// epilogue's (epilogue_noise_kernel). The name per_element is the op schema's, from when the
+// epilogue drew one element per Philox call; it now draws groups of four in its own layout.
 at::Tensor denoise_noise_cuda(const at::Tensor& like, const at::Tensor& seed, int64_t row0, int64_t rows,
                               int64_t cols, bool per_element) {
   TORCH_CHECK(seed.device().is_cpu() && seed.dim() == 0 && seed.scalar_type() == at::kLong,
@@ -440,12 +519,12 @@ at::Tensor denoise_noise_cuda(const at::Tensor& like, const at::Tensor& seed, in
   ns.k = cols;
   const auto stream = at::cuda::getCurrentCUDAStream();
   if (per_element) {
-    DREP_LAUNCH(cuda::blocks_for(rows * cols), cuda::kThreads, 0, stream, noise_per_element_kernel)(
+    DREP_LAUNCH(epilogue_grid(rows, cols), kEpilogueBlock, 0, stream, epilogue_noise_kernel)(
         ns, row0, rows, out.mutable_data_ptr<float>());
   } else {
     const at::Tensor zero = at::zeros({1}, opts);  // x, read with strides 0
     const unsigned int blocks = cuda::blocks_for(rows * ((cols + 3) / 4));
-    DREP_LAUNCH(blocks, cuda::kThreads, 0, stream, noisy_input_kernel<float, float, float>)(
+    DREP_LAUNCH(blocks, cuda::kThreads, 0, stream, noisy_input_kernel<float, float>)(
         zero.const_data_ptr<float>(), 0, 0, ns, 0.0f, 1.0f, row0, rows, cols, out.mutable_data_ptr<float>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -5,6 +5,7 @@ includes ``cuda_host.h``, then one .cu file as it is) with torch.utils.cpp_exten
 ``torch.ops.drep_cuda_host``: the CUDA kernels of drep's ops, registered for CPU tensors under
 that test namespace, with the schemas of the installed drep ops (csrc/ops.cpp) copied at run
 time, so the two cannot drift apart. drep's own CPU kernels stay registered as they are.
+``gemm_log.cpp`` adds ``_gemm_calls()``: the cuBLAS calls those kernels made (cublas_host.h).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from torch.utils import cpp_extension
 
 HERE = Path(__file__).resolve().parent
-SOURCES = (HERE / "denoise_loss.cpp", HERE / "merge_weights.cpp")
+SOURCES = (HERE / "denoise_loss.cpp", HERE / "merge_weights.cpp", HERE / "gemm_log.cpp")
 OPS = ("denoise_loss_fwd", "_denoise_noise", "merge_weights_fwd", "merge_weights_bwd")
 NAMESPACE = "drep_cuda_host"
 

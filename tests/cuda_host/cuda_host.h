@@ -8,8 +8,8 @@
 // are static (one block at a time uses them). A block's threads really run concurrently, so a
 // missing __syncthreads shows as a wrong (or varying) result; blocks never overlap, so races
 // between blocks do not show. The kernels register for CPU tensors under the test namespace
-// drep_cuda_host (the test defines its schemas from drep's). The GEMMs are ATen's CPU GEMMs
-// (csrc/cuda/common.cuh).
+// drep_cuda_host (the test defines its schemas from drep's). csrc/cuda/common.cuh's GEMM calls
+// cublasGemmEx as on a GPU; cublas_host.h computes it with ATen's CPU GEMM and records the call.
 // Not emulated: warps (these kernels have no warp shuffles or warp-synchronous code), dynamic
 // shared memory, streams (a launch returns when its grid is done), and the __CUDA_ARCH__ branches
 // of csrc/philox.h (their host twins run: a 64-bit product for __umulhi, std::log, std::sin and
@@ -35,6 +35,8 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#include "cublas_host.h"
 
 struct uint3 {
   unsigned int x, y, z;
