@@ -56,8 +56,8 @@ def test_cuda_loss_counts_by_hand():
     4 at the end, 5 of autograd (no materialized zeros); main adds the b_d cast and the dW_d
     division."""
     M, K = 256, 256
-    main = costmodel.kernels("denoise_loss", "cuda-main", M=M, K=K, dtype="bfloat16", gpu=H100)
-    rev = costmodel.kernels("denoise_loss", "cuda-wt-i", M=M, K=K, dtype="bfloat16", gpu=H100)
+    main = costmodel.kernels("denoise_loss", "cuda-pre12", M=M, K=K, dtype="bfloat16", gpu=H100)
+    rev = costmodel.kernels("denoise_loss", "cuda", M=M, K=K, dtype="bfloat16", gpu=H100)
     assert _sum(main, "philox") == M * K / 4 + M * K
     assert _sum(rev, "philox") == 2 * M * K / 4
     assert _sum(rev, "launches") == 1 + 2 + 5 + 4 + 5 == 17
@@ -69,9 +69,9 @@ def test_cuda_revision_accumulates_in_place():
     """Three chunks: main adds each later chunk's K x K buffer with add_ (2 launches more, 3 K^2
     float32 each); the revision's GEMM 2 reads its K x K result instead (beta = 1)."""
     K = 1024
-    M = 3 * loss.cuda_chunk_rows(loss.CUDA_MAIN, 10**6, K)
-    main = costmodel.kernels("denoise_loss", "cuda-main", M=M, K=K, dtype="bfloat16", gpu=H100)
-    rev = costmodel.kernels("denoise_loss", "cuda-wt-i", M=M, K=K, dtype="bfloat16", gpu=H100)
+    M = 3 * loss.cuda_chunk_rows(loss.CUDA_PRE12, 10**6, K)
+    main = costmodel.kernels("denoise_loss", "cuda-pre12", M=M, K=K, dtype="bfloat16", gpu=H100)
+    rev = costmodel.kernels("denoise_loss", "cuda", M=M, K=K, dtype="bfloat16", gpu=H100)
     adds = [k for k in main if "add_" in k.name]
     assert len(adds) == 2 and all(k.hbm == 3 * K * K * 4 for k in adds)
     assert sum("beta = 1" in k.name for k in rev) == 2
@@ -103,8 +103,8 @@ def test_merge_counts_by_hand():
     out, K = 3072, 768
     add = costmodel.kernels("merge_weights", "floor", out=out, K=K, dtype="bfloat16", gpu=H100)
     tri = costmodel.kernels("merge_weights", "triton", out=out, K=K, dtype="bfloat16", gpu=H100)
-    main = costmodel.kernels("merge_weights", "cuda-main", out=out, K=K, dtype="bfloat16", gpu=H100)
-    rev = costmodel.kernels("merge_weights", "cuda-wt-i", out=out, K=K, dtype="bfloat16", gpu=H100)
+    main = costmodel.kernels("merge_weights", "cuda-pre12", out=out, K=K, dtype="bfloat16", gpu=H100)
+    rev = costmodel.kernels("merge_weights", "cuda", out=out, K=K, dtype="bfloat16", gpu=H100)
     assert (_sum(add, "launches"), _sum(add, "flops")) == (2, 2 * out * K * K)
     assert (_sum(tri, "launches"), _sum(tri, "flops")) == (1, 2 * out * 832 * K)
     assert (_sum(main, "launches"), _sum(main, "flops")) == (4, 2 * out * (K + 1) * K)
@@ -269,9 +269,9 @@ def test_verdicts_read_the_model():
     expect = (costmodel.predict("denoise_loss", "triton", 12608, 768, "bfloat16", H100)
               / costmodel.floor_seconds("denoise_loss", 768, "bfloat16", H100, M=12608))
     assert v.value == expect and v.met == (expect <= 2.0)
-    v = by[("loss at least 3x faster than eager at K = 384", "cuda (wt-i revision)")]
+    v = by[("loss at least 3x faster than eager at K = 384", "cuda")]
     expect = (costmodel.predict("denoise_loss", "eager", 12608, 384, "bfloat16", H100)
-              / costmodel.predict("denoise_loss", "cuda-wt-i", 12608, 384, "bfloat16", H100))
+              / costmodel.predict("denoise_loss", "cuda", 12608, 384, "bfloat16", H100))
     assert v.value == expect and v.met == (expect >= 3.0)
 
 

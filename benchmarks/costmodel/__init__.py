@@ -27,21 +27,20 @@ LOSS_DESIGNS = {
     "floor": ("floor contender: 2 cuBLAS GEMMs", loss.floor_gemms),
     "triton": ("triton", loss.triton),
     "triton-pre12": ("triton (before #12)", loss.triton_pre12),
-    "cuda-main": (loss.CUDA_MAIN.label, partial(loss.cuda, loss.CUDA_MAIN)),
-    "cuda-wt-i": (loss.CUDA_WTI.label, partial(loss.cuda, loss.CUDA_WTI)),
+    "cuda-pre12": (loss.CUDA_PRE12.label, partial(loss.cuda, loss.CUDA_PRE12)),
+    "cuda": (loss.CUDA_TC.label, partial(loss.cuda, loss.CUDA_TC)),
 }
 MERGE_DESIGNS = {
     "eager": ("eager (authors')", merge.eager),
     "floor": ("torch.addmm (floor)", merge.addmm),
     "triton": ("triton", merge.triton),
-    "cuda-main": (merge.CUDA_MAIN.label, partial(merge.cuda, merge.CUDA_MAIN)),
-    "cuda-wt-i": (merge.CUDA_WTI.label, partial(merge.cuda, merge.CUDA_WTI)),
+    "cuda-pre12": (merge.CUDA_PRE12.label, partial(merge.cuda, merge.CUDA_PRE12)),
+    "cuda": (merge.CUDA_TC.label, partial(merge.cuda, merge.CUDA_TC)),
 }
 DESIGNS = {"denoise_loss": LOSS_DESIGNS, "merge_weights": MERGE_DESIGNS}
 
-# The design a built backend runs. "cuda" is main's code until the wt-i revision lands; then
-# point it at "cuda-wt-i" (one line) so that GPU reports compare the right prediction.
-BACKENDS = {"cuda": "cuda-main"}
+# The design each built backend runs (GPU reports compare its prediction with the measurement).
+BACKENDS = {"cuda": "cuda"}
 
 
 @dataclass(frozen=True)
@@ -97,7 +96,7 @@ def totals(op: str, design: str, *, K: int, dtype: str, gpu: str, M: int = 0, ou
 
 def predict(op: str, backend: str, M: int, K: int, dtype: str, gpu: str, out: int = 0) -> float:
     """Predicted seconds of one call: ``backend`` a built backend ("triton", "cuda"), a design
-    key of ``DESIGNS[op]`` ("eager", "floor", "triton-pre12", "cuda-main", "cuda-wt-i"), for
+    key of ``DESIGNS[op]`` ("eager", "floor", "triton-pre12", "cuda-pre12", "cuda"), for
     the loss (M x K; ``out`` unused) or the merge (out x K; ``M`` unused); dtype "bfloat16",
     "float16", "float32" (IEEE) or "tf32"; gpu "h100-sxm" or "h200"."""
     return totals(op, backend, K=K, dtype=dtype, gpu=gpu, M=M, out=out).seconds

@@ -253,13 +253,13 @@ class CudaLoss:
     min_chunk_rows: int = 128
 
 
-CUDA_MAIN = CudaLoss(
-    "cuda (as of main)", "csrc/cuda/denoise_loss.cu at d54962e",
+CUDA_PRE12 = CudaLoss(
+    "cuda (before #12)", "csrc/cuda/denoise_loss.cu at 211e91c",
     epilogue_philox_per_element=1.0, epilogue_tile=(64, 32), dw_accumulate="buffer+add", dw_scale_pass=True,
     bias_cast=True,
 )
-CUDA_WTI = CudaLoss(
-    "cuda (wt-i revision)", "csrc/cuda/denoise_loss.cu on branch wt-i at 11b685d",
+CUDA_TC = CudaLoss(
+    "cuda", "csrc/cuda/denoise_loss.cu",
     epilogue_philox_per_element=0.25, epilogue_tile=(64, 128), dw_accumulate="beta1", dw_scale_pass=False,
     bias_cast=False,
 )

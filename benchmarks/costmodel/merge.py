@@ -73,8 +73,8 @@ class CudaMerge:
     bias_column: bool  # [W_d | b_d] built by a copy (at::cat) and multiplied in one GEMM (ld K + 1)
 
 
-CUDA_MAIN = CudaMerge("cuda (as of main)", "csrc/cuda/merge_weights.cu at d54962e", bias_column=True)
-CUDA_WTI = CudaMerge("cuda (wt-i revision)", "csrc/cuda/merge_weights.cu on branch wt-i at 11b685d", bias_column=False)
+CUDA_PRE12 = CudaMerge("cuda (before #12)", "csrc/cuda/merge_weights.cu at 211e91c", bias_column=True)
+CUDA_TC = CudaMerge("cuda", "csrc/cuda/merge_weights.cu", bias_column=False)
 
 
 def cuda(design: CudaMerge, out: int, K: int, dt: Dtype, gpu: Gpu) -> list[Kernel]:

@@ -7,7 +7,7 @@ import dataclasses
 import math
 from collections import defaultdict
 
-from . import BACKENDS, DESIGNS, floor_seconds, loss, totals
+from . import DESIGNS, floor_seconds, loss, totals
 from .hardware import DTYPES, GPUS, assumptions, bound, seconds
 
 GPU_KEYS = ("h100-sxm", "h200")
@@ -19,9 +19,9 @@ LOSS_KS = (384, 768, 1024, 1536, 3072, 4096)
 LOSS_MS = tuple(b * TOKENS for b in (8, 32, 64, 128))
 MERGE_SHAPES = ((1536, 384), (384, 1536), (3072, 768), (768, 3072), (4096, 1024), (1024, 4096))  # (out, K)
 TABLE_DTYPES = ("bfloat16", "float32", "tf32")  # fp16 costs what bf16 does
-LOSS_ROWS = ("eager", "floor", "triton", "triton-pre12", "cuda-main", "cuda-wt-i")
-MERGE_ROWS = ("eager", "floor", "triton", "cuda-main", "cuda-wt-i")
-GPU_BACKEND_DESIGNS = ("triton", "cuda-main", "cuda-wt-i")  # the designs the targets are about
+LOSS_ROWS = ("eager", "floor", "triton", "triton-pre12", "cuda-pre12", "cuda")
+MERGE_ROWS = ("eager", "floor", "triton", "cuda-pre12", "cuda")
+GPU_BACKEND_DESIGNS = ("triton", "cuda-pre12", "cuda")  # the designs the targets are about
 
 TARGET_M = 12608  # batch 64
 TARGET_GPU = "h100-sxm"
@@ -198,12 +198,12 @@ def markdown() -> str:
         "report (`benchmarks/gpu_run.sh`) prints these predictions beside its measurements.",
         "",
         "Designs counted: " + "; ".join([
-            "triton: `drep_kernels/triton/denoise_loss.py`, `merge_weights.py` at d54962e",
+            "triton: `drep_kernels/triton/denoise_loss.py`, `merge_weights.py`",
             "triton (before #12): `git show 211e91c:drep_kernels/triton/denoise_loss.py`",
-            f"{loss.CUDA_MAIN.label}: {loss.CUDA_MAIN.source} and csrc/cuda/merge_weights.cu",
-            f"{loss.CUDA_WTI.label}: {loss.CUDA_WTI.source} (and its merge_weights.cu), not yet merged",
+            f"{loss.CUDA_PRE12.label}: {loss.CUDA_PRE12.source} and csrc/cuda/merge_weights.cu",
+            f"{loss.CUDA_TC.label}: {loss.CUDA_TC.source} and csrc/cuda/merge_weights.cu",
             "eager: `benchmarks/baselines.py` (the authors' code) with autograd",
-        ]) + f". The `cuda` backend is predicted as `{BACKENDS['cuda']}` until the revision lands.",
+        ]) + ".",
         "",
         _saved_note(),
         "",
