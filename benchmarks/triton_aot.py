@@ -23,7 +23,7 @@ markdown (``--out``) and exits 1 when a build fails; tests/test_triton_aot.py ru
 builds in CI. Builds compile in a pool of spawned processes (``--jobs``, default 2): the kernels
 must be imported without ``TRITON_INTERPRET``, which the test session sets. Triton caches each
 build by its source hash (``TRITON_CACHE_DIR``), so an unchanged build costs a cache read; all
-180 took about 6.5 minutes on 2 loaded cores from an empty cache.
+180 took 2 to 4 minutes on 2 cores from an empty cache (6.5 on a loaded machine).
 
 The check runs under triton 3.6 and 3.8 (a build that does not compile is reported with its cause);
 the JIT internals it mirrors are used in ``_specialize`` only. The table goes to

@@ -2,7 +2,7 @@
 
 ``test_builds_compile_without_spills`` compiles, through ``benchmarks/triton_aot.py``, every
 shipped build: each launch of the triton backend, config, dtype path and target (180 builds,
-about 6.5 minutes on 2 loaded cores from an empty cache; Triton caches builds by source hash, so
+2 to 4 minutes on 2 cores from an empty cache; Triton caches builds by source hash, so
 an unchanged kernel recompiles nothing), as ``python -m benchmarks.triton_aot`` does when it writes the
 published table, and prints the table. The other tests check the check and need no compiler.
 """
