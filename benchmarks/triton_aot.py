@@ -9,9 +9,10 @@ follows them when a launcher changes). Each build goes through ``triton.compile`
 
 - spill stores: Triton's own ``ptxas -v`` log of the build;
 - registers, stack frame and local memory: ``cuobjdump --dump-resource-usage`` of the cubin.
-  A stack frame without spills is a local array: in the loss kernel, the 28 bytes libdevice's
-  sinf / cosf (tl.randn4x's Box-Muller) keep for reducing arguments above 105615, which the
-  angles 2 pi u < 2 pi never reach, so the stack is reported, not failed;
+  A stack frame without spills is a local array: in the loss kernels that draw the noise
+  (x_noisy, and L1 without given noise), the 32 bytes libdevice's sinf / cosf (tl.randn4x's
+  Box-Muller) keep for reducing arguments above 105615, which the angles 2 pi u < 2 pi never
+  reach, so the stack is reported, not failed;
 - shared memory: the compiled kernel's metadata (what the launch asks for);
 - tensor-core MMA: ``wgmma`` (sm_90) or ``mma.sync`` (sm_80) in the PTX.
 
@@ -22,10 +23,12 @@ markdown (``--out``) and exits 1 when a build fails; tests/test_triton_aot.py ru
 builds in CI. Builds compile in a pool of spawned processes (``--jobs``, default 2): the kernels
 must be imported without ``TRITON_INTERPRET``, which the test session sets. Triton caches each
 build by its source hash (``TRITON_CACHE_DIR``), so an unchanged build costs a cache read; all
-120 took 1 minute on 2 idle cores from an empty cache (2.5 on a loaded machine).
+180 took 2 to 4 minutes on 2 cores from an empty cache (6.5 on a loaded machine).
 
 The check runs under triton 3.6 and 3.8 (a build that does not compile is reported with its cause);
-the JIT internals it mirrors are used in ``_specialize`` only.
+the JIT internals it mirrors are used in ``_specialize`` only. The table goes to
+benchmarks/results/triton-aot-sm80-sm90.md under triton 3.8 (CI's pinned release), to
+benchmarks/results/triton-aot-sm80-sm90-triton<major.minor>.md under any other.
 """
 from __future__ import annotations
 
@@ -46,7 +49,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "triton-aot-sm80-sm90.md"
+RESULTS = ROOT / "benchmarks" / "results"
+PINNED_TRITON = "3.8"  # CI's pinned release: its table is the unsuffixed one
 
 # (capability, the most dynamic shared memory one block may have: cudaDevAttrMaxSharedMemoryPerBlockOptin
 # of an A100 and an H100 / H200, which is what Triton checks before a launch).
@@ -62,8 +66,10 @@ class DtypePath:
     tf32: bool  # torch's float32 matmuls set to TF32, which the backend's dots follow
 
 
-# float16 / bfloat16 inputs are computed in float32 (the backend's choice, _common.input_precision):
-# with torch's default float32 precision their dots are IEEE float32, not tensor-core dots.
+# The tensor-core policy (drep_kernels.precision): bf16 / fp16 operands go to the dots as they
+# are, so those paths are tensor-core paths and must show MMA; float32 is one too exactly when
+# torch's float32 matmuls are set to TF32 ("fp32 tf32"), else its dots are IEEE float32 (FMA
+# units), as are float64's.
 PATHS = (
     DtypePath("fp32 ieee", "float32", False),
     DtypePath("fp32 tf32", "float32", True),
@@ -74,11 +80,15 @@ PATHS = (
 
 # The shapes of the example calls: a ViT-S MLP layer at batch 8 x 197 tokens (M = 1576 is not
 # a multiple of 16, K = 384 is), contiguous tensors, so sizes and strides specialize as in training.
+# The loss then runs in one row chunk; the two-chunk call lowers its chunk budget to 1024 rows,
+# so that the later chunks' dW_d GEMM (ACCUMULATE: adding to dW_d) is compiled too.
 _M, _K, _OUT = 1576, 384, 1536
+_CHUNK_ROWS = 1024
 
 
-def _entries(torch, dtype) -> list[tuple[str, str, Callable[[], object], list[str]]]:
-    """(module, entry, call, names of the launches it makes, in order) for each backend entry point."""
+def _entries(torch, dtype) -> list[tuple[str, str, Callable[[], object], list[Optional[str]]]]:
+    """(module, entry, call, names of the launches it makes, in order) for each backend entry
+    point; None names a launch that repeats the build of a named one (checked by _launches)."""
     from drep_kernels.triton import denoise_loss, merge_weights
 
     def t(*shape):
@@ -88,13 +98,25 @@ def _entries(torch, dtype) -> list[tuple[str, str, Callable[[], object], list[st
     w, b, gw, gb = t(_OUT, _K), t(_OUT), t(_OUT, _K), t(_OUT)
     seed = torch.tensor(12345, dtype=torch.int64)
     loss, merge = denoise_loss.__name__, merge_weights.__name__
+
+    def loss_call(noise, grad, chunk_rows=None):
+        def call():
+            saved = denoise_loss.CHUNK_ELEMS
+            if chunk_rows is not None:
+                denoise_loss.CHUNK_ELEMS = chunk_rows * _K
+            try:
+                return denoise_loss.denoise_loss_fwd(x, wd, bd, 0.9, 0.1, noise, seed, grad)
+            finally:
+                denoise_loss.CHUNK_ELEMS = saved
+
+        return call
+
     return [
-        (loss, "denoise_loss_fwd", lambda: denoise_loss.denoise_loss_fwd(x, wd, bd, 0.9, 0.1, None, seed, False),
-         ["loss L1"]),
-        (loss, "denoise_loss_fwd(grad)", lambda: denoise_loss.denoise_loss_fwd(x, wd, bd, 0.9, 0.1, None, seed, True),
-         ["loss L1+L2"]),
-        (loss, "denoise_loss_fwd(grad, noise)",
-         lambda: denoise_loss.denoise_loss_fwd(x, wd, bd, 0.9, 0.1, noise, seed, True), ["loss L1+L2 noise given"]),
+        (loss, "denoise_loss_fwd", loss_call(None, False), ["loss x_noisy", "loss L1"]),
+        (loss, "denoise_loss_fwd(grad)", loss_call(None, True), [None, "loss L1+L2", "loss dW_d"]),
+        (loss, "denoise_loss_fwd(grad, noise)", loss_call(noise, True),
+         ["loss x_noisy noise given", "loss L1+L2 noise given", None]),
+        (loss, "denoise_loss_fwd(grad, 2 chunks)", loss_call(None, True, _CHUNK_ROWS), [None] * 5 + ["loss dW_d accumulate"]),
         (merge, "merge_weights_fwd", lambda: merge_weights.merge_weights_fwd(w, b, wd, bd, 0.05, 0.99), ["merge M1+M2"]),
         (merge, "merge_weights_bwd", lambda: merge_weights.merge_weights_bwd(gw, gb, w, wd, bd, 0.05, 0.99, True, True),
          ["merge M3", "merge M4+M5"]),
@@ -157,7 +179,7 @@ def _worker_init(package_root: str) -> None:
 
 @contextlib.contextmanager
 def _float32_precision(torch, tf32: bool):
-    """torch's float32 matmul precision, which _common.input_precision reads, for one call."""
+    """torch's float32 matmul precision, which drep_kernels.precision.dot_precision reads, for one call."""
     matmul = torch.backends.cuda.matmul
     if hasattr(matmul, "fp32_precision"):
         saved = matmul.fp32_precision
@@ -183,6 +205,9 @@ class _Recorder:
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
+
+    def __getattr__(self, name):  # the launcher reads the kernel's own attributes (its configs)
+        return getattr(self.kernel, name)
 
 
 @contextlib.contextmanager
@@ -228,10 +253,16 @@ def _launches(path: DtypePath) -> dict:
         if len(recorded) != len(names):
             raise RuntimeError(f"{entry} made {len(recorded)} launches, expected {len(names)} ({names}): update _entries")
         for name, (kernel, args, kwargs) in zip(names, recorded):
-            configs = list(kernel.configs) if isinstance(kernel, Autotuner) else [None]
             fn = kernel
             while not isinstance(fn, JITFunction):  # autotuners and heuristics wrap the JIT function
                 fn = fn.fn
+            if name is None:
+                # Unnamed: the same kernel with the same constexprs as a named launch (its other
+                # arguments are the same shapes and strides, or not specialized on).
+                if not any(v[0] is fn and v[2] == kwargs for v in out.values()):
+                    raise RuntimeError(f"{entry}: an unnamed launch of {fn.__name__} is a new build: name it in _entries")
+                continue
+            configs = list(kernel.configs) if isinstance(kernel, Autotuner) else [None]
             out[name] = (fn, args, kwargs, configs)
     _launch_cache[path.name] = out
     return out
@@ -356,24 +387,36 @@ def mma_found(ptx: str) -> str:
 
 
 def is_tensor_core_path(constexprs: dict) -> bool:
-    """The backend's kernels run a dot on tensor cores when it is TF32 or fed bf16 / fp16 (their
-    INPUT_PRECISION and DTYPE constexprs say which)."""
+    """Whether a launch's dot must run on tensor cores: it is TF32, or its operands are bf16 /
+    fp16. Read from what the launcher asks for (the INPUT_PRECISION and GEMM_DTYPE constexprs),
+    not from the compiled code, which is what is being checked. A launch without
+    INPUT_PRECISION has no dot (the loss's x_noisy kernel); one with a dot must say its
+    operands' dtype in GEMM_DTYPE."""
     import triton.language as tl
 
-    return constexprs.get("INPUT_PRECISION") == "tf32" or constexprs.get("DTYPE") in (tl.bfloat16, tl.float16)
+    if "INPUT_PRECISION" not in constexprs:
+        return False
+    if "GEMM_DTYPE" not in constexprs:
+        raise ValueError("a kernel with a dot (INPUT_PRECISION) must name its operands' dtype in a GEMM_DTYPE constexpr")
+    return constexprs["INPUT_PRECISION"] == "tf32" or constexprs["GEMM_DTYPE"] in (tl.bfloat16, tl.float16)
 
 
-def config_label(config) -> str:
+def config_label(config, launch_kwargs: Optional[dict] = None) -> str:
+    """A config's block sizes and options; for a launch not autotuned (config None), the block
+    sizes and options it is launched with (Triton's defaults where it passes none)."""
     if config is None:
-        return "launch options"
-    sizes = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
-    maxnreg = f" maxnreg={config.maxnreg}" if config.maxnreg else ""
-    return f"{sizes} warps={config.num_warps} stages={config.num_stages}{maxnreg}"
+        kw = launch_kwargs or {}
+        sizes = {k: v for k, v in kw.items() if k.startswith(("BLOCK_", "GROUP_"))}
+        warps, stages, maxnreg = kw.get("num_warps", 4), kw.get("num_stages", 3), kw.get("maxnreg")
+    else:
+        sizes, warps, stages, maxnreg = config.kwargs, config.num_warps, config.num_stages, config.maxnreg
+    label = " ".join(f"{k}={v}" for k, v in sizes.items())
+    return f"{label} warps={warps} stages={stages}" + (f" maxnreg={maxnreg}" if maxnreg else "")
 
 
 def plan() -> dict[str, list[str]]:
     """{launch name: labels of its shipped configs}."""
-    return {name: [config_label(c) for c in v[3]] for name, v in _launches(PATHS[0]).items()}
+    return {name: [config_label(c, v[2]) for c in v[3]] for name, v in _launches(PATHS[0]).items()}
 
 
 def compile_build(build: Build) -> Row:
@@ -386,7 +429,7 @@ def compile_build(build: Build) -> Row:
         path = next(p for p in PATHS if p.name == build.path)
         fn, args, kwargs, configs = _launches(path)[build.launch]
         config = configs[build.config]
-        row.kernel, row.config = fn.__name__, config_label(config)
+        row.kernel, row.config = fn.__name__, config_label(config, kwargs)
         target = GPUTarget("cuda", TARGETS[build.target][0], 32)
         src, options = _specialize(fn, args, {**kwargs, **(config.all_kwargs() if config else {})}, target)
         named = {fn.arg_names[k[0]]: v for k, v in src.constants.items()}
@@ -459,6 +502,24 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list[Row]) -> str:
+    """The markdown table of ``rows`` per launch, config and target, over the dtype paths: the
+    register range, the most spill stores and shared memory, and the MMA of the tensor-core paths."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r.build.launch, r.config, r.build.target), []).append(r)
+    head = "| launch | config | target | regs | spill stores (B) | shared (B) | MMA on the tensor-core paths | failing |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for (launch, config, target), rs in groups.items():
+        regs = sorted(r.regs for r in rs)
+        mma = sorted({f"{r.build.path}: {r.mma}" for r in rs if r.tensor_core}) or ["no tensor-core path"]
+        lines.append(
+            f"| {launch} | {config} | {target} | {regs[0]}-{regs[-1]} | {max(r.spill_stores for r in rs)} "
+            f"| {max(r.shared for r in rs)} | {', '.join(mma)} | {sum(1 for r in rs if r.failures())} of {len(rs)} |"
+        )
+    return "\n".join(lines)
+
+
 def markdown(rows: list[Row], command: str, wall: float, jobs: int) -> str:
     import torch
     import triton
@@ -472,26 +533,38 @@ def markdown(rows: list[Row], command: str, wall: float, jobs: int) -> str:
         f"{len(rows)} builds, {len(failed)} failing; {wall:.0f} s wall on {jobs} processes "
         f"({sum(r.seconds for r in rows):.0f} s of compiles; cached builds cost a cache read).\n\n"
         "Each row is one launch of the triton backend, one shipped config, one dtype path and one target, "
-        "compiled with `triton.compile` and Triton's ptxas. Spill stores: Triton's `ptxas -v` log; registers, "
-        "stack and local memory: `cuobjdump --dump-resource-usage` of the cubin (the loss kernel's 32-byte stack "
+        "compiled with `triton.compile` and Triton's ptxas. The loss launches per row chunk `x_noisy` (no dot), "
+        "`L1` or `L1+L2` (GEMM 1 and its epilogue; `noise given`: the noise read, not drawn) and, with gradients, "
+        "`dW_d` (GEMM 2; `accumulate`: the later chunks', adding to dW_d). Spill stores: Triton's `ptxas -v` log; registers, "
+        "stack and local memory: `cuobjdump --dump-resource-usage` of the cubin (the 32-byte stack of the loss kernels that draw noise "
         "is libdevice's sinf / cosf reduction array for arguments above 105615, never reached by Box-Muller's "
         "angles below 2 pi); shared memory: the kernel's metadata; MMA: `wgmma` / `mma.sync` in the PTX. A build "
         "passes with no spill stores and no local memory, shared memory within the target's per-block maximum, and, on a "
         "tensor-core path (TF32, or bf16 / fp16 fed to the dot), the target's MMA instructions.\n\n"
-        + table(rows) + "\n"
+        + "## Per launch, config and target (over the five dtype paths)\n\n" + summary(rows) + "\n\n"
+        + "## Every build\n\n" + table(rows) + "\n"
     )
+
+
+def default_out() -> Path:
+    """Where the table of the running triton goes (see the module doc)."""
+    import triton
+
+    release = ".".join(triton.__version__.split(".")[:2])
+    return RESULTS / ("triton-aot-sm80-sm90.md" if release == PINNED_TRITON else f"triton-aot-sm80-sm90-triton{release}.md")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.triton_aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"markdown file (default {DEFAULT_OUT.relative_to(ROOT)})")
+    out = default_out()
+    parser.add_argument("--out", type=Path, default=out, help=f"markdown file (default here: {out.relative_to(ROOT)})")
     args = parser.parse_args(argv)
     start = time.perf_counter()
 
     def progress(row: Row) -> None:
         b = row.build
-        print(f"{b.launch:12} {row.config:52} {b.path:9} {b.target}  regs {row.regs:3}  stack {row.stack:6}  "
+        print(f"{b.launch:24} {row.config:70} {b.path:9} {b.target}  regs {row.regs:3}  spills {row.spill_stores:3}  stack {row.stack:4}  "
               f"shared {row.shared:6}  mma {row.mma:8}  {row.seconds:6.1f} s  {'; '.join(row.failures()) or 'ok'}",
               flush=True)
 

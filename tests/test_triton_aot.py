@@ -1,9 +1,9 @@
 """CI check "Triton AOT": the Triton kernels compile for sm_80 and sm_90 without spills (no GPU).
 
 ``test_builds_compile_without_spills`` compiles, through ``benchmarks/triton_aot.py``, every
-shipped build: each launch of the triton backend, config, dtype path and target (120 builds,
-1 minute on 2 idle cores from an empty cache; Triton caches builds by source hash, so an
-unchanged kernel recompiles nothing), as ``python -m benchmarks.triton_aot`` does when it writes the
+shipped build: each launch of the triton backend, config, dtype path and target (180 builds,
+2 to 4 minutes on 2 cores from an empty cache; Triton caches builds by source hash, so
+an unchanged kernel recompiles nothing), as ``python -m benchmarks.triton_aot`` does when it writes the
 published table, and prints the table. The other tests check the check and need no compiler.
 """
 from __future__ import annotations
@@ -87,6 +87,27 @@ def test_mma_found_in_ptx():
     assert triton_aot.mma_found("\tfma.rn.f32 %f1, %f2, %f3, %f4;\n\twgmma.fence.sync.aligned;") == "-"
 
 
+def test_config_labels():
+    import triton
+    import triton.language as tl
+
+    config = triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3, maxnreg=255)
+    assert triton_aot.config_label(config) == "BLOCK_M=64 BLOCK_N=128 warps=8 stages=3 maxnreg=255"
+    # A plain launch: its block constexprs and options, Triton's defaults for those not passed.
+    plain = dict(HAS_NOISE=True, ACC_DTYPE=tl.float32, num_warps=4, BLOCK_M=16, BLOCK_K=128)
+    assert triton_aot.config_label(None, plain) == "BLOCK_M=16 BLOCK_K=128 warps=4 stages=3"
+
+
+def test_summary_per_launch_config_and_target():
+    rows = [
+        Row(Build("merge M3", 0, p, "sm_90"), config="c0", regs=r, spill_stores=s, shared=sh, mma=m, tensor_core=tc)
+        for p, r, s, sh, m, tc in [("fp32 ieee", 200, 0, 1024, "-", False), ("bf16", 90, 8, 4096, "wgmma", True)]
+    ] + [Row(Build("merge M3", 0, "fp64", "sm_80"), config="c0", regs=150, spill_stores=0, shared=0, mma="-")]
+    lines = triton_aot.summary(rows).splitlines()
+    assert lines[2] == "| merge M3 | c0 | sm_90 | 90-200 | 8 | 4096 | bf16: wgmma | 1 of 2 |"
+    assert lines[3] == "| merge M3 | c0 | sm_80 | 150-150 | 0 | 0 | no tensor-core path | 0 of 1 |"
+
+
 def test_builds_enumerate_every_config_path_and_target():
     configs = {"a": ["c0", "c1", "c2"], "b": ["d0"]}
     got = triton_aot.builds(configs)
@@ -96,18 +117,61 @@ def test_builds_enumerate_every_config_path_and_target():
     assert {(b.launch, b.config, b.path, b.target) for b in got} == want
 
 
-def test_default_configs_are_shipped_configs():
-    """DREP_TRITON_AUTOTUNE=0 launches the default config: it must be one the check compiles."""
+def test_tensor_core_path_from_the_launch():
+    # What the launcher asks for decides, never the compiled code (which is what is checked).
+    import triton.language as tl
+
+    yes = triton_aot.is_tensor_core_path
+    assert yes({"INPUT_PRECISION": "tf32", "GEMM_DTYPE": tl.float32})
+    assert yes({"INPUT_PRECISION": "ieee", "GEMM_DTYPE": tl.bfloat16})
+    assert yes({"INPUT_PRECISION": "ieee", "GEMM_DTYPE": tl.float16})
+    assert not yes({"INPUT_PRECISION": "ieee", "GEMM_DTYPE": tl.float32})
+    assert not yes({"INPUT_PRECISION": "ieee", "GEMM_DTYPE": tl.float64})
+    assert not yes({"ACC_DTYPE": tl.float32})  # no dot: the loss's x_noisy kernel
+    with pytest.raises(ValueError, match="GEMM_DTYPE"):
+        yes({"INPUT_PRECISION": "ieee", "ACC_DTYPE": tl.float32})
+
+
+def test_every_dot_kernel_declares_its_operand_dtype():
+    """is_tensor_core_path reads INPUT_PRECISION and GEMM_DTYPE: every kernel of the backend
+    that calls a dot must have both (a dot without them would pass as an FMA path unchecked)."""
+    import inspect
+
+    from triton.runtime.jit import KernelInterface
+
     from drep_kernels.triton import denoise_loss, merge_weights
 
+    checked = []
     for module in (denoise_loss, merge_weights):
-        assert module._DEFAULT in module._CONFIGS, f"{module.__name__}._DEFAULT is not in _CONFIGS"
+        for value in vars(module).values():
+            fn = getattr(value, "fn", None)
+            if not isinstance(value, KernelInterface) or not inspect.isfunction(fn) or fn.__module__ != module.__name__:
+                continue  # not a kernel, an autotuner around one, or a helper imported from _common
+            params = inspect.signature(fn).parameters
+            if "dot(" in inspect.getsource(fn):
+                assert {"INPUT_PRECISION", "GEMM_DTYPE"} <= set(params), f"{fn.__name__} has a dot but not both constexprs"
+                checked.append(fn.__name__)
+    assert sorted(checked) == sorted(TENSOR_CORE_KERNELS)
 
 
-# The triton releases whose compiler the shipped configs are verified against. Triton 3.9's
-# ptxas (CI's newest environment) puts three float32-IEEE merge builds (M1+M2 and M4+M5, sm_90,
-# at 255 registers) 8 to 20 bytes over: the configs must be retuned before 3.9 is added here.
-VERIFIED_TRITON = ("3.8",)
+def test_default_configs_are_shipped_configs():
+    """DREP_TRITON_AUTOTUNE=0 launches the default config: it must be one the check compiles
+    (the loss's defaults are its lists' first configs by construction)."""
+    from drep_kernels.triton import merge_weights
+
+    assert merge_weights._DEFAULT in merge_weights._CONFIGS, "merge_weights._DEFAULT is not in _CONFIGS"
+
+
+# The triton releases whose compiler the shipped configs are verified against: 3.6 (the lent GPU
+# machine's) and 3.8 (CI's pinned environment). Triton 3.9 (CI's newest) is reported only.
+VERIFIED_TRITON = ("3.6", "3.8")
+
+LAUNCHES = {
+    "loss x_noisy", "loss x_noisy noise given", "loss L1", "loss L1+L2", "loss L1+L2 noise given", "loss dW_d",
+    "loss dW_d accumulate", "merge M1+M2", "merge M3", "merge M4+M5",
+}
+# The kernels whose dots must be on tensor cores on the TF32, bf16 and fp16 paths.
+TENSOR_CORE_KERNELS = {"_loss_gemm_kernel", "_grad_gemm_kernel", "_merge_gemm_kernel"}
 
 
 @pytest.mark.slow
@@ -119,10 +183,11 @@ def test_builds_compile_without_spills(capsys):
     rows = triton_aot.run(jobs=2)
     with capsys.disabled():
         print(f"\nTriton AOT, every shipped build:\n{triton_aot.table(rows)}")
-    launches = {r.build.launch for r in rows}
-    assert {"loss L1", "loss L1+L2", "loss L1+L2 noise given", "merge M1+M2", "merge M3", "merge M4+M5"} <= launches
-    # The TF32 path must really have been compiled as one: else the MMA check checked nothing.
+    assert {r.build.launch for r in rows} == LAUNCHES
+    # The tensor-core paths must really have been compiled as ones: else the MMA check checked nothing.
     for target in TARGETS:
-        assert any(r.tensor_core for r in rows if r.build.target == target and r.build.path == "fp32 tf32")
+        for path in ("fp32 tf32", "bf16", "fp16"):
+            on_path = [r for r in rows if r.build.target == target and r.build.path == path]
+            assert {r.kernel for r in on_path if r.tensor_core} == TENSOR_CORE_KERNELS, (target, path)
     failed = [f"{r.build} {r.config}: {'; '.join(r.failures())}" for r in rows if r.failures()]
     assert not failed, f"{len(failed)} of {len(rows)} Triton builds may not ship:\n" + "\n".join(failed)

@@ -6,11 +6,14 @@ one address (a lost update, or last-writer-wins, on a GPU) passes every oracle t
 
 1. the race check itself, on small kernels with and without races;
 2. every Triton kernel and path under ``record_stores()``: no byte stored by two programs of a
-   launch, none read by one program and stored by another;
+   launch, none read by one program and stored by another. The loss makes three launches per
+   row chunk (x_noisy, GEMM 1 with its epilogue, the dW_d GEMM), each checked, over one chunk
+   and several (the chunk budget lowered);
 3. the oracle tests of test_triton_backend.py with the grid walked in reverse (their forward
    order is that file's own run), and shapes whose K is a multiple of every block size the
-   interpreter configs use (32; 64 also covers the 16 and 64 of the other-block-shapes test),
-   in both orders: a block that holds nothing but the bias column exists only then.
+   interpreter runs (32 for the GEMMs, 128 for the x_noisy kernel's columns; 64 also covers the
+   16 and 64 of the other-block-shapes test), in both orders: a block that holds nothing but
+   the merge's bias column exists only then.
 """
 from __future__ import annotations
 
@@ -150,10 +153,18 @@ def test_a_block_without_launches_is_an_error():
 
 A, S, C1, C3 = tb.A, tb.S, tb.C1, tb.C3
 
+# The loss's launches per row chunk (drep_kernels/triton/denoise_loss.py).
+NOISY, LOSS, GRAD = "_noisy_input_kernel", "_loss_gemm_kernel", "_grad_gemm_kernel"
 
-def _launched(launches, kernel, count):
-    assert [l.kernel for l in launches] == [kernel] * count
+
+def _launched(launches, names, chunks=1):
+    """The launches were the kernels ``names`` per chunk, ``chunks`` times, each storing something."""
+    assert [l.kernel for l in launches] == list(names) * chunks
     assert all(l.stored_bytes > 0 for l in launches)
+
+
+def _loss_launches(grad):
+    return (NOISY, LOSS, GRAD) if grad else (NOISY, LOSS)
 
 
 @pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=_ids)
@@ -161,33 +172,51 @@ def _launched(launches, kernel, count):
 @pytest.mark.parametrize("noise", ["given", "seeded"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_loss_paths_race_free(bias, noise, grad, dtype):
-    # M = 40: two row-block groups; K = 33: two column blocks, the second one column wide.
+    # M = 40: two row blocks; K = 33: two column blocks, the second one column wide.
     x, w, b, eps = tb._denoise_inputs(40, 33, dtype, bias)
     with record_stores() as launches:
         kernels("triton").denoise_loss_fwd(x, w, b, A, S, eps if noise == "given" else None, torch.tensor(5), grad)
-    _launched(launches, "_denoise_loss_fwd_kernel", 1)
+    _launched(launches, _loss_launches(grad))
 
 
-@pytest.mark.parametrize("M,K", [(64, 32), (97, 64), (33, 96)])
+# K a multiple of every block the interpreter runs (32 for the GEMMs, the x_noisy kernel's 128;
+# 256: two x_noisy column blocks).
+# M = 97: four row blocks (two groups of GROUP_M = 2), the last one row deep.
+@pytest.mark.parametrize("M,K", [(64, 32), (97, 64), (33, 256)])
 def test_loss_block_multiples_race_free(M, K):
-    # K a multiple of the blocks; M = 97: three groups, the first with two row blocks.
     x, w, b, _ = tb._denoise_inputs(M, K, F32)
     with record_stores() as launches:
         kernels("triton").denoise_loss_fwd(x, w, b, A, S, None, torch.tensor(5), True)
-    _launched(launches, "_denoise_loss_fwd_kernel", 1)
+    _launched(launches, _loss_launches(True))
 
 
-@pytest.mark.parametrize("blocks", [(16, 64, 16), (16, 16, 64)], ids=["wide-N", "wide-K"])
-def test_loss_other_block_shapes_race_free(blocks):
-    # The GPU configs' BLOCK_N != BLOCK_K, through the plain kernel (as test_triton_backend.py).
+@pytest.mark.parametrize("M,K,chunks", [(300, 32, 3), (160, 128, 2)])
+def test_loss_chunks_race_free(monkeypatch, M, K, chunks):
+    # 128-row chunks (the budget lowered), the last one partial or full: every launch of every
+    # chunk checked, the dW_d GEMM of the later chunks adding to dW_d in place.
     from drep_kernels.triton import denoise_loss as tdl
 
-    config = triton.Config(dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), blocks)))
+    monkeypatch.setattr(tdl, "CHUNK_ELEMS", 128 * K)
+    x, w, b, _ = tb._denoise_inputs(M, K, F32)
+    with record_stores() as launches:
+        kernels("triton").denoise_loss_fwd(x, w, b, A, S, None, torch.tensor(5), True)
+    _launched(launches, _loss_launches(True), chunks)
+
+
+@pytest.mark.parametrize(
+    "loss_blocks,grad_blocks", [((16, 64, 16), (64, 16, 16)), ((16, 16, 64), (16, 64, 32))], ids=["wide-N", "wide-K"]
+)
+def test_loss_other_block_shapes_race_free(loss_blocks, grad_blocks):
+    # The GPU configs' BLOCK_N != BLOCK_K, through the plain kernels (as test_triton_backend.py).
+    from drep_kernels.triton import denoise_loss as tdl
+
+    loss_meta = dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), loss_blocks), GROUP_M=2)
+    grad_meta = dict(zip(("BLOCK_N", "BLOCK_K", "BLOCK_R"), grad_blocks), GROUP_N=2)
     x, w, b, _ = tb._denoise_inputs(37, 64, F32)
     with record_stores() as launches:
-        tdl._denoise_loss(x, w, b, A, S, None, torch.tensor(5), True, tdl._denoise_loss_fwd_kernel, [config],
-                          config.kwargs)
-    _launched(launches, "_denoise_loss_fwd_kernel", 1)
+        tdl._denoise_loss(x, w, b, A, S, None, torch.tensor(5), True, tdl._loss_gemm_kernel, tdl._grad_gemm_kernel,
+                          (loss_meta, grad_meta))
+    _launched(launches, _loss_launches(True))
 
 
 MERGE_SHAPES = [(65, 64), (33, 33)]  # K a multiple of BLOCK_N (a block of only the bias column); odd
@@ -200,7 +229,7 @@ def test_merge_forward_race_free(bias, denoise_bias, dtype, out, K):
     w, b, wd, bd = (t.detach() if t is not None else None for t in tb._merge_inputs(out, K, dtype, bias, denoise_bias))
     with record_stores() as launches:
         kernels("triton").merge_weights_fwd(w, b, wd, bd, C1, C3)
-    _launched(launches, "_merge_gemm_kernel", 1)
+    _launched(launches, ["_merge_gemm_kernel"])
 
 
 @pytest.mark.parametrize("out,K", MERGE_SHAPES)
@@ -214,13 +243,15 @@ def test_merge_backward_race_free(grad_bias, denoise_bias, dtype, out, K):
     gb = torch.randn(out, generator=g).to(dtype) if grad_bias else None
     with record_stores() as launches:
         kernels("triton").merge_weights_bwd(gw, gb, w, wd, bd, C1, C3, True, True)
-    _launched(launches, "_merge_gemm_kernel", 2)
+    _launched(launches, ["_merge_gemm_kernel"] * 2)
 
 
 # ---------------------------------------------------------------- oracle tests, grid reversed
 
-# K a multiple of every interpreter block size, in both orders.
-BLOCK_MULTIPLE_DENOISE = [(64, 32, F32, True), (97, 64, F32, False), (33, 64, BF16, True), (65, 32, F64, True)]
+# K a multiple of every interpreter block size (32; 128 for x_noisy's columns), in both orders.
+BLOCK_MULTIPLE_DENOISE = [
+    (64, 32, F32, True), (97, 64, F32, False), (33, 64, BF16, True), (65, 32, F64, True), (40, 128, F32, True),
+]
 BLOCK_MULTIPLE_MERGE = [
     (65, 32, F32, True, True), (33, 64, F32, False, True), (64, 64, BF16, True, True), (32, 32, F64, True, True),
     (65, 64, F32, True, False),
@@ -251,12 +282,34 @@ def test_merge_vs_oracle_any_order(monkeypatch, out, K, dtype, bias, denoise_bia
         tb.test_merge_vs_oracle(monkeypatch, out, K, dtype, bias, denoise_bias)
 
 
-def test_other_oracle_tests_reversed(monkeypatch):
-    # The remaining kernel-against-oracle tests of test_triton_backend.py that launch the loss
-    # or merge kernels (the noise tests launch a kernel of their own), grid reversed.
+@pytest.mark.parametrize("M,K,dtype,reverse", [
+    pytest.param(300, 32, F32, rev, id=f"300-32-float32-{name}") for name, rev in ORDERS
+] + [pytest.param(160, 128, BF16, True, id="160-128-bfloat16-reversed")])
+def test_denoise_loss_in_chunks_vs_oracle_any_order(monkeypatch, M, K, dtype, reverse):
+    # 128-row chunks, K a multiple of every block: the later chunks' dW_d GEMM adds to dW_d.
+    from drep_kernels.triton import denoise_loss as tdl
+
+    monkeypatch.setattr(tdl, "CHUNK_ELEMS", 128 * K)
+    with _maybe_reversed(reverse):
+        tb.test_denoise_loss_kernel_vs_oracle(M, K, dtype, True)
+
+
+# The remaining kernel-against-oracle tests of test_triton_backend.py that launch the loss or
+# merge kernels (the noise tests launch a kernel of their own), each run with the grid reversed.
+OTHER_ORACLE_TESTS = {
+    "loss-without-grad": lambda mp: tb.test_denoise_loss_without_grad_does_no_gradient_work(),
+    "loss-3d-noncontiguous": tb.test_denoise_loss_public_op_3d_noncontiguous,
+    "loss-seeded-vs-torch": tb.test_denoise_loss_seeded_matches_torch_backend,
+    "loss-wide-N": lambda mp: tb.test_denoise_loss_other_block_shapes((16, 64, 16), (64, 16, 16)),
+    "loss-wide-K": lambda mp: tb.test_denoise_loss_other_block_shapes((16, 16, 64), (16, 64, 32)),
+    "loss-in-chunks": lambda mp: tb.test_denoise_loss_in_chunks(mp, F32),
+    "merge-bwd": lambda mp: tb.test_merge_bwd_kernel_vs_reference(),
+    "merge-noncontiguous": tb.test_merge_noncontiguous,
+    "merge-two-step": lambda mp: tb.test_merge_function_equals_two_step(),
+}
+
+
+@pytest.mark.parametrize("name", list(OTHER_ORACLE_TESTS))
+def test_other_oracle_tests_reversed(monkeypatch, name):
     with reverse_grid():
-        tb.test_denoise_loss_without_grad_does_no_gradient_work()
-        tb.test_denoise_loss_public_op_3d_noncontiguous(monkeypatch)
-        tb.test_merge_bwd_kernel_vs_reference()
-        tb.test_merge_noncontiguous(monkeypatch)
-        tb.test_merge_function_equals_two_step()
+        OTHER_ORACLE_TESTS[name](monkeypatch)

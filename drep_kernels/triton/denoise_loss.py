@@ -175,10 +175,16 @@ def _loss_gemm_kernel(
 @triton.jit(do_not_specialize=("R",))
 def _grad_gemm_kernel(
     g_ptr, xn_ptr, dw_ptr, R, K,
-    ACCUMULATE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ACCUMULATE: tl.constexpr, GEMM_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     # L2: dW_d[n, k] (+)= sum over the chunk's rows r of G'[r, n] x_noisy[r, k], in ACC_DTYPE.
+    # The operands go to the dot as stored: GEMM_DTYPE states their dtype, as the loss kernel's
+    # does (benchmarks/triton_aot.py reads it to know a tensor-core path).
+    tl.static_assert(
+        (GEMM_DTYPE == g_ptr.dtype.element_ty) & (GEMM_DTYPE == xn_ptr.dtype.element_ty),
+        "G' and x_noisy must be stored in GEMM_DTYPE",
+    )
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(K, BLOCK_N)
     num_pid_k = tl.cdiv(K, BLOCK_K)
@@ -211,12 +217,20 @@ def _grad_gemm_kernel(
 
 
 # Untuned (no GPU where this was written): configs that compile without spills for sm_80 and
-# sm_90 on every dtype path (python -m benchmarks.triton_aot; benchmarks/results/triton-aot-sm80-sm90.md).
-_NOISY_CONFIG = {"BLOCK_M": 32, "BLOCK_K": 128}
+# sm_90 on every dtype path with triton 3.6 and 3.8 (python -m benchmarks.triton_aot; tables in
+# benchmarks/results/triton-aot-sm80-sm90*.md).
+# - x_noisy: 16 elements per thread on 4 warps. 32 per thread spill under triton 3.6 (its ptxas
+#   holds them in 128 registers), and 32 x 128 on 8 warps under triton 3.9 (it aims at 80).
+# - The loss GEMM: 64-row tiles (one wgmma warp group's rows) on 8 warps, with maxnreg=255:
+#   without a cap ptxas aims at 128 registers on its own and spills the epilogue's Philox /
+#   Box-Muller state (tf32 and bf16 at 128 x 64); with it the tensor-core paths take 80 to 160
+#   registers and the FMA paths (IEEE float32, float64) up to 255, spill-free. 128 x 64 still
+#   spills 4 B (IEEE float32, sm_90, triton 3.6) and 128 x 128 up to 400 B: not shipped.
+_NOISY_CONFIG = {"BLOCK_M": 16, "BLOCK_K": 128}
 _NOISY_WARPS = 4
 _LOSS_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3, maxnreg=255)
+    for bn in (128, 64)
 ]
 _GRAD_CONFIGS = [
     triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_N": 8}, num_warps=8, num_stages=3),
@@ -357,7 +371,7 @@ def _denoise_loss(x, denoise_weight, denoise_bias, a, s, noise, seed, compute_gr
 
             grad_kern[grad_grid](
                 g, xn, grad_weight, R, K,
-                ACCUMULATE=c > 0, ACC_DTYPE=acc_dt, INPUT_PRECISION=dot_precision, **grad_meta,
+                ACCUMULATE=c > 0, GEMM_DTYPE=gemm_dt, ACC_DTYPE=acc_dt, INPUT_PRECISION=dot_precision, **grad_meta,
             )
     # Fixed-order reductions of the partials (deterministic), the mean's 1 / (M K) applied once.
     loss = loss_part.to(torch.float64).sum().div(n).to(cdt)
