@@ -42,12 +42,12 @@ def test_triton_loss_counts_by_hand():
 
 
 def test_triton_loss_counts_padded_tiles():
-    """M = 100, K = 60: the kernels compute whole tiles. _noisy_input_kernel 32 x 128 tiles:
-    128 x 128 / 4 calls; the epilogue's 128 x 64 tile: 128 x 64 / 4; GEMM 1 (128, 64, 32):
-    2 x 128 x 64 x 64; GEMM 2 (dW_d tile 128 x 64, depth in steps of 32): 2 x 128 x 64 x 128."""
+    """M = 100, K = 60: the kernels compute whole tiles. _noisy_input_kernel 16 x 128 tiles:
+    112 x 128 / 4 calls; the epilogue's 64 x 128 tile: 128 x 128 / 4; GEMM 1 (64, 128, 32):
+    2 x 128 x 128 x 64; GEMM 2 (dW_d tile 128 x 64, depth in steps of 32): 2 x 128 x 64 x 128."""
     ks = costmodel.kernels("denoise_loss", "triton", M=100, K=60, dtype="bfloat16", gpu=H100)
-    assert _sum(ks, "philox") == 128 * 128 / 4 + 128 * 64 / 4 == 6144
-    assert _sum(ks, "flops") == 2 * 128 * 64 * 64 + 2 * 128 * 64 * 128
+    assert _sum(ks, "philox") == 112 * 128 / 4 + 128 * 128 / 4 == 7680
+    assert _sum(ks, "flops") == 2 * 128 * 128 * 64 + 2 * 128 * 64 * 128
 
 
 def test_cuda_loss_counts_by_hand():

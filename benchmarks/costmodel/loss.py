@@ -118,8 +118,8 @@ def eager(M: int, K: int, dt: Dtype, gpu: Gpu) -> list[Kernel]:
 # Constants as shipped (tests/test_costmodel.py checks them against the module).
 TRITON_CHUNK_ELEMS = 1 << 23
 TRITON_ROW_QUANTUM = 128
-TRITON_NOISY_TILE = (32, 128)  # _NOISY_CONFIG: BLOCK_M, BLOCK_K
-TRITON_LOSS_TILE = (128, 64, 32)  # _LOSS_CONFIGS[0]: BLOCK_M, BLOCK_N, BLOCK_K
+TRITON_NOISY_TILE = (16, 128)  # _NOISY_CONFIG: BLOCK_M, BLOCK_K
+TRITON_LOSS_TILE = (64, 128, 32)  # _LOSS_CONFIGS[0]: BLOCK_M, BLOCK_N, BLOCK_K
 TRITON_GRAD_TILE = (128, 64, 32)  # _GRAD_CONFIGS[0]: BLOCK_N, BLOCK_K (dW_d tile), BLOCK_R (depth)
 TRITON_PART_BLOCK = 64  # the smallest BLOCK_M / BLOCK_N of the configs: sizes the partial buffers
 
