@@ -201,7 +201,10 @@ def test_drep_fuse_of_a_train_checkpoint_writes_the_fused_model(single, tmp_path
     assert fuse_checkpoint.main(["--model", "test_vit", "--checkpoint", str(run / "checkpoint-last.pt"), "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "25 layers fused" in printed and "max |logit difference| fused vs unfused 0.000e+00" in printed, printed
-    _assert_same_state(torch.load(out), torch.load(run / "model-fused.pt"), "drep-fuse vs drep-train")
+    ours, theirs = torch.load(out), torch.load(run / "model-fused.pt")
+    assert ours.keys() == theirs.keys()
+    for k in theirs:  # the same merge; BLAS may sum in another order on this process's thread count
+        assert_close(ours[k], theirs[k], *TOLERANCES[torch.float32], f"drep-fuse vs drep-train: {k}")
     assert json.loads(out.with_suffix(".json").read_text())["build"] == BUILD
 
 
