@@ -100,10 +100,11 @@ def digits(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def single(digits, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """3 epochs (denoiser, backbone, denoiser) in one process, a checkpoint kept per epoch."""
+    """3 epochs (denoiser, backbone, denoiser) in one process, a checkpoint kept per epoch; every
+    Linear converted but the classifier (24 layers)."""
     work = tmp_path_factory.mktemp("single")
     done = _cli("drep_kernels.train", "--data", str(digits), "--output", "run", *MODEL, *RECIPE, "--epochs", "3",
-                "--save-every-epoch", cwd=work)
+                "--exclude", "head", "--save-every-epoch", cwd=work)
     return work / "run", done
 
 
@@ -141,7 +142,9 @@ def test_train_alternates_phases_logs_each_epoch_and_writes_its_files(single):
     lines = done.stdout.splitlines()
     for epoch, phase in enumerate(PHASES, 1):
         assert sum(line.startswith(f"epoch {epoch}/3 [{phase}]") for line in lines) == 1, done.stdout
+    assert "24 layers converted (linear)" in done.stdout
     assert any(line.startswith("fused: val top-1") and "max |logit difference|" in line for line in lines), done.stdout
+    assert "epoch 3/3" in done.stderr and "img/s" in done.stderr  # the progress bar
     assert json.loads((run / "log.json").read_text())["final"]["max_logit_diff"] == 0.0
     assert sorted(p.name for p in run.iterdir()) == sorted(
         ["checkpoint-last.pt", "checkpoint-epoch1.pt", "checkpoint-epoch2.pt", "checkpoint-epoch3.pt",
@@ -155,6 +158,7 @@ def test_train_alternates_phases_logs_each_epoch_and_writes_its_files(single):
         assert changed, phase
         assert (changed <= denoisers) if phase == "denoiser" else not (changed & denoisers), (phase, sorted(changed)[:5])
     assert states[0]["blocks.0.mlp.fc1.denoise_weight"].abs().sum() > 0  # trained from zero in epoch 1
+    assert not any(k.startswith("head.denoise") for k in states[0])  # --exclude head
 
 
 @pytest.mark.slow
@@ -187,7 +191,7 @@ def test_fused_output_loads_strictly_into_timm_without_drep_kernels_and_computes
     assert done.returncode == 0, done.stderr
     # The trained (unfused) model, rebuilt from its checkpoint here.
     trained = timm.create_model("test_vit", num_classes=10, img_size=32)
-    dk.convert(trained)
+    dk.convert(trained, exclude=["head"])
     trained.load_state_dict(_ckpt(run / "checkpoint-last.pt")["model"], strict=True)
     with torch.no_grad():
         expected = trained.eval()(x)
@@ -200,7 +204,7 @@ def test_drep_fuse_of_a_train_checkpoint_writes_the_fused_model(single, tmp_path
     out = tmp_path / "plain.pt"
     assert fuse_checkpoint.main(["--model", "test_vit", "--checkpoint", str(run / "checkpoint-last.pt"), "--output", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "25 layers fused" in printed and "max |logit difference| fused vs unfused 0.000e+00" in printed, printed
+    assert "24 layers fused" in printed and "max |logit difference| fused vs unfused 0.000e+00" in printed, printed
     ours, theirs = torch.load(out), torch.load(run / "model-fused.pt")
     assert ours.keys() == theirs.keys()
     for k in theirs:  # the same merge; BLAS may sum in another order on this process's thread count
@@ -300,6 +304,30 @@ def test_drep_fuse_of_an_authors_checkpoint_computes_their_layers(tmp_path, keep
     assert_close(got, want, 1e-4, 1e-5, "fused authors' checkpoint vs their layers in float64")
 
 
+# --- --checkpoint: the weights to start from ---------------------------------------------------------
+
+def test_start_checkpoint_loads_the_weights_and_replaces_a_classifier_of_another_class_count(tmp_path, keep_rng):
+    from drep_kernels.cli import zoo
+
+    torch.manual_seed(0)
+    start = timm.create_model("test_vit", img_size=32).state_dict()  # 1000 classes
+    torch.save({"state_dict": start}, tmp_path / "start.pt")  # in a container, as training scripts save
+    model, arch = zoo.create("test_vit", 10, 32, {}, pretrained=False)
+    fresh_head = model.head.weight.detach().clone()
+    assert zoo.load_initial_weights(model, arch, str(tmp_path / "start.pt")) == "; new classifier (head.weight, head.bias)"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, fresh_head) if k == "head.weight" else k == "head.bias" or torch.equal(v, start[k]), k
+
+
+def test_a_start_checkpoint_of_another_model_is_one_line_and_writes_nothing(digits, tmp_path, capsys, keep_rng):
+    torch.save(timm.create_model("test_vit2", img_size=32).state_dict(), tmp_path / "other.pt")
+    out = tmp_path / "out"
+    assert train.main(["--data", str(digits), "--output", str(out), *MODEL, "--checkpoint", str(tmp_path / "other.pt")]) == 2
+    err = _one_line_error(capsys, "drep-train")
+    assert "other.pt does not fit the model: missing cls_token" in err and "unexpected reg_token" in err, err
+    assert not out.exists()
+
+
 # --- installation ------------------------------------------------------------------------------
 
 def test_console_scripts_run_the_commands():
@@ -367,18 +395,21 @@ def test_resume_refuses_another_configuration(single, digits, tmp_path, capsys, 
 
 # --- torchrun: 2 gloo processes --------------------------------------------------------------------
 
+# Linears and the Conv2d patch embedding (26 layers), under bf16 autocast.
+TORCHRUN = [*RECIPE, "--batch-size", "16", "--epochs", "2", "--convert", "linear+conv", "--amp", "bf16"]
+
 @pytest.fixture(scope="module")
 def ddp(digits, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     work = tmp_path_factory.mktemp("ddp")
-    done = _cli("drep_kernels.train", "--data", str(digits), "--output", "run", *MODEL, *RECIPE, "--batch-size", "16",
-                "--epochs", "2", "--save-every-epoch", cwd=work, procs=2)
+    done = _cli("drep_kernels.train", "--data", str(digits), "--output", "run", *MODEL, *TORCHRUN,
+                "--save-every-epoch", cwd=work, procs=2)
     return work / "run", done
 
 
 @pytest.mark.slow
 def test_torchrun_ddp_resume_from_epoch_1_reproduces_the_run_and_only_rank_0_writes(ddp, digits):
     run, done = ddp
-    assert "2 processes (DDP) on cpu" in done.stdout, done.stdout
+    assert "26 layers converted (linear+conv)" in done.stdout and "2 processes (DDP) on cpu, amp bf16" in done.stdout, done.stdout
     for epoch, phase in enumerate(PHASES[:2], 1):  # one line per epoch: only rank 0 prints
         assert done.stdout.count(f"epoch {epoch}/2 [{phase}]") == 1, done.stdout
     assert sorted(p.name for p in run.iterdir()) == sorted(
@@ -397,8 +428,8 @@ def test_torchrun_ddp_resume_from_epoch_1_reproduces_the_run_and_only_rank_0_wri
 @pytest.mark.slow
 def test_torchrun_fsdp2_trains_as_ddp_does(ddp, digits, tmp_path):
     run, _ = ddp
-    done = _cli("drep_kernels.train", "--data", str(digits), "--output", "fsdp", *MODEL, *RECIPE, "--batch-size", "16",
-                "--epochs", "2", "--fsdp", cwd=tmp_path, procs=2)
+    done = _cli("drep_kernels.train", "--data", str(digits), "--output", "fsdp", *MODEL, *TORCHRUN, "--fsdp",
+                cwd=tmp_path, procs=2)
     assert "2 processes (FSDP2) on cpu" in done.stdout, done.stdout
     for r, ref in zip(_rows(tmp_path / "fsdp"), _rows(run), strict=True):
         assert r["phase"] == ref["phase"] and r["val_top1"] == ref["val_top1"]

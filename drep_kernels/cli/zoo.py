@@ -181,8 +181,7 @@ def load_initial_weights(model: nn.Module, arch: Architecture, path: str) -> str
         k for p in classifier_prefixes(arch.library, arch.name) for k in list(sd)
         if k.startswith(p + ".") and k in own and sd[k].shape != own[k].shape
     ]
-    for k in fresh:
-        del sd[k]
+    sd.update({k: own[k] for k in fresh})  # the model's own fresh classifier
     problem = mismatch(own, sd)
     if problem:
         raise UsageError(f"--checkpoint {path} does not fit the model: {problem}")
