@@ -213,6 +213,20 @@ def test_drep_fuse_of_a_train_checkpoint_writes_the_fused_model(single, tmp_path
 
 
 @pytest.mark.slow
+def test_drep_fuse_of_a_converted_models_state_dict_fuses_the_layers_it_has_denoisers_for(single, tmp_path, capsys, keep_rng):
+    run, _ = single
+    torch.save(_ckpt(run / "checkpoint-last.pt")["model"], tmp_path / "converted.pt")  # model.state_dict() of a converted model
+    out = tmp_path / "plain.pt"
+    argv = ["--model", "test_vit", "--img-size", "32", "--checkpoint", str(tmp_path / "converted.pt"), "--output", str(out)]
+    assert fuse_checkpoint.main(argv) == 0
+    assert "(converted state dict): 24 layers fused" in capsys.readouterr().out  # the head has no denoiser: left plain
+    ours, theirs = torch.load(out), torch.load(run / "model-fused.pt")
+    assert ours.keys() == theirs.keys()
+    for k in theirs:
+        assert_close(ours[k], theirs[k], *TOLERANCES[torch.float32], f"drep-fuse of the state dict vs drep-train: {k}")
+
+
+@pytest.mark.slow
 def test_baseline_trains_the_unconverted_model(digits, tmp_path):
     done = _cli("drep_kernels.train", "--data", str(digits), "--output", "base", *MODEL, "--batch-size", "32",
                 "--workers", "0", "--epochs", "1", "--baseline", cwd=tmp_path)
