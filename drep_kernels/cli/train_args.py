@@ -49,49 +49,50 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, Any], dict[str, str]]:
     defaults: dict[str, Any] = {}
     flag: dict[str, str] = {}
 
-    def add(*flags, default=None, help: str, **kw):
-        action = p.add_argument(*flags, help=help + (f" (default: {default})" if default not in (None, False) else ""), **kw)
+    def add(group, *flags, default=None, help: str, **kw):
+        shown = f" (default: {default})" if default not in (None, False, []) else ""
+        action = group.add_argument(*flags, help=help + shown, **kw)
         defaults[action.dest] = default
         flag[action.dest] = flags[0]
 
     run = p.add_argument_group("data and output")
-    add("--data", required=True, help="directory with train/ and val/, one folder of images per class", metavar="DIR")
-    add("--output", required=True, help="directory for checkpoints, logs and the fused model", metavar="DIR")
-    add("--resume", help="continue the run of this drep-train checkpoint (its configuration included)", metavar="PATH")
-    add("--save-every-epoch", action="store_true", default=False, help="also keep checkpoint-epochN.pt of every epoch")
-    add("--workers", type=int, default=4, help="data loading processes per training process")
+    add(run, "--data", required=True, help="directory with train/ and val/, one folder of images per class", metavar="DIR")
+    add(run, "--output", required=True, help="directory for checkpoints, logs and the fused model", metavar="DIR")
+    add(run, "--resume", help="continue the run of this drep-train checkpoint (its configuration included)", metavar="PATH")
+    add(run, "--save-every-epoch", action="store_true", default=False, help="also keep checkpoint-epochN.pt of every epoch")
+    add(run, "--workers", type=int, default=4, help="data loading processes per training process")
 
     model = p.add_argument_group("model")
-    add("--model", help="a timm model name (timm.list_models()), else a torchvision one; "
-        "torchvision:NAME picks torchvision's")
-    add("--pretrained", action="store_true", default=False, help="start from the library's pretrained weights")
-    add("--checkpoint", help="start from this plain state dict of the model (a classifier of another "
+    add(model, "--model", help="a timm model name (timm.list_models()), else a torchvision one; "
+        "torchvision:NAME picks torchvision's (required unless --resume)")
+    add(model, "--pretrained", action="store_true", default=False, help="start from the library's pretrained weights")
+    add(model, "--checkpoint", help="start from this plain state dict of the model (a classifier of another "
         "class count is replaced)", metavar="PATH")
-    add("--model-kwargs", nargs="+", help="constructor arguments, KEY=VALUE (values are Python literals)", metavar="KEY=VALUE")
-    add("--img-size", type=int, help="input size of the transforms (and of timm models that take one); "
+    add(model, "--model-kwargs", nargs="+", help="constructor arguments, KEY=VALUE (values are Python literals)", metavar="KEY=VALUE")
+    add(model, "--img-size", type=int, help="input size of the transforms (and of timm models that take one); "
         "default: the model's")
-    add("--convert", choices=("linear", "linear+conv"), default="linear", help="layers to convert")
-    add("--exclude", nargs="+", default=[], help="glob patterns of layer names to leave plain (e.g. 'head')",
+    add(model, "--convert", choices=("linear", "linear+conv"), default="linear", help="layers to convert")
+    add(model, "--exclude", nargs="+", default=[], help="glob patterns of layer names to leave plain (e.g. 'head')",
         metavar="PATTERN")
-    add("--baseline", action="store_true", default=False,
+    add(model, "--baseline", action="store_true", default=False,
         help="train the model unconverted for as many epochs (the equal-epoch baseline)")
 
     train = p.add_argument_group("training")
-    add("--epochs", type=int, default=20, help="epochs in all")
-    add("--phase-len", type=int, default=10, help="epochs per phase, alternating denoiser and backbone")
-    add("--lambda", dest="lam", type=float, default=0.01, help="weight of the denoising loss")
-    add("--lr", type=float, default=1e-4, help="AdamW peak learning rate")
-    add("--min-lr", type=float, default=1e-6, help="learning rate at the end of the cosine")
-    add("--warmup-epochs", type=int, default=1, help="epochs of linear warmup")
-    add("--warmup-lr", type=float, default=1e-6, help="learning rate the warmup starts from")
-    add("--weight-decay", type=float, default=0.05, help="AdamW weight decay (none on biases and norms)")
-    add("--batch-size", type=int, default=64, help="images per step and process")
-    add("--amp", choices=("none", "bf16", "fp16"), help="autocast dtype (default: bf16 on CUDA, none on CPU)")
-    add("--seed", type=int, default=0, help="seed of the initial weights, data order and noise")
+    add(train, "--epochs", type=int, default=20, help="epochs in all")
+    add(train, "--phase-len", type=int, default=10, help="epochs per phase, alternating denoiser and backbone")
+    add(train, "--lambda", dest="lam", metavar="LAMBDA", type=float, default=0.01, help="weight of the denoising loss")
+    add(train, "--lr", type=float, default=1e-4, help="AdamW peak learning rate")
+    add(train, "--min-lr", type=float, default=1e-6, help="learning rate at the end of the cosine")
+    add(train, "--warmup-epochs", type=int, default=1, help="epochs of linear warmup")
+    add(train, "--warmup-lr", type=float, default=1e-6, help="learning rate the warmup starts from")
+    add(train, "--weight-decay", type=float, default=0.05, help="AdamW weight decay (none on biases and norms)")
+    add(train, "--batch-size", type=int, default=64, help="images per step and process")
+    add(train, "--amp", choices=("none", "bf16", "fp16"), help="autocast dtype (default: bf16 on CUDA, none on CPU)")
+    add(train, "--seed", type=int, default=0, help="seed of the initial weights, data order and noise")
 
     system = p.add_argument_group("system")
-    add("--backend", help="force this drep_kernels backend for every op (sets DREP_BACKEND)")
-    add("--fsdp", action="store_true", default=False, help="under torchrun, shard with FSDP2 (fully_shard) instead of DDP")
+    add(system, "--backend", help="force this drep_kernels backend for every op (sets DREP_BACKEND)")
+    add(system, "--fsdp", action="store_true", default=False, help="under torchrun, shard with FSDP2 (fully_shard) instead of DDP")
     return p, defaults, flag
 
 
