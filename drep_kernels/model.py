@@ -226,6 +226,14 @@ def set_phase(model: nn.Module, phase: str) -> nn.Module:
     return model
 
 
+def phase_plan(epochs: int, phase_len: int) -> list[str]:
+    """The phase of each epoch in the authors' recipe: ``phase_len`` epochs of ``"denoiser"``,
+    then as many of ``"backbone"``, alternating (they use 10)."""
+    if epochs < 0 or phase_len < 1:
+        raise ValueError(f"need epochs >= 0 and phase_len >= 1, got {epochs} and {phase_len}")
+    return [("denoiser", "backbone")[(e // phase_len) % 2] for e in range(epochs)]
+
+
 def fuse(model: nn.Module) -> nn.Module:
     """Replace every denoising layer by its plain deployable layer holding (W', b'), in place.
 

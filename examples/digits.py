@@ -166,11 +166,6 @@ def latencies_ms(models, x, repeats: int) -> list[float]:
     return [1e3 * statistics.median(ts) for ts in times]
 
 
-def phase_plan(epochs: int, phase_len: int) -> list[str]:
-    """denoiser, backbone, denoiser, ... each for ``phase_len`` epochs (the authors use 10)."""
-    return [("denoiser", "backbone")[(e // phase_len) % 2] for e in range(epochs)]
-
-
 def run_seed(seed: int, args, data, drep) -> dict:
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(seed)
@@ -196,7 +191,7 @@ def run_seed(seed: int, args, data, drep) -> dict:
     # One optimizer over everything; set_phase decides what has a gradient (Adam skips the rest).
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     train(model, opt, x_train, y_train, args.drep_epochs, args.batch, gen, f"seed {seed} DenoiseRep",
-          drep=drep, phases=phase_plan(args.drep_epochs, args.phase_len))
+          drep=drep, phases=drep.phase_plan(args.drep_epochs, args.phase_len))
     with torch.no_grad():
         model.eval()
         unfused = model(x_test)

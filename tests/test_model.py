@@ -229,6 +229,14 @@ def test_set_phase_by_module_type():
         dk.set_phase(_net(), "denoiser")
 
 
+def test_phase_plan_alternates_from_the_denoiser_phase():
+    d, b = "denoiser", "backbone"
+    assert dk.phase_plan(7, 2) == [d, d, b, b, d, d, b]
+    assert dk.phase_plan(3, 10) == [d, d, d] and dk.phase_plan(0, 1) == []
+    with pytest.raises(ValueError, match="phase_len >= 1"):
+        dk.phase_plan(4, 0)
+
+
 def test_phases_route_the_losses():
     model = dk.convert(_net(), init="linear").train()
     x = torch.randn(4, 8, dtype=torch.float64)

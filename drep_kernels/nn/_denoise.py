@@ -203,6 +203,11 @@ class DenoiseLayerMixin:
         setattr(plain, FUSED, True)
         return plain
 
+    def fuse(self) -> nn.Module:
+        """``to_plain()`` under the name ``timm.utils.reparameterize_model`` looks for: it replaces
+        every child that has ``fuse`` by what ``fuse()`` returns."""
+        return self.to_plain()
+
     # -- losses ---------------------------------------------------------------------------
     def _wants_loss(self) -> bool:
         return (
