@@ -223,6 +223,8 @@ def set_phase(model: nn.Module, phase: str) -> nn.Module:
     for p in model.parameters():
         is_denoiser = id(p) in denoiser_ids
         p.requires_grad_(phase == "joint" or (phase == "denoiser") == is_denoiser)
+    for _, layer in layers:
+        layer._phase = phase
     return model
 
 

@@ -82,6 +82,7 @@ class DenoiseLayerMixin:
         self._stash: Optional[tuple] = None  # (loss sum, dL/dW_d sum, dL/db_d sum)
         self._stash_versions: Optional[tuple] = None
         self._stash_params: Optional[tuple] = None  # the denoiser parameters the forward used
+        self._phase: Optional[str] = None  # the last set_phase (a compile guard: _wants_loss)
         self.reset_denoiser(init)
 
     # -- step, denoiser, state ------------------------------------------------------------
@@ -210,11 +211,14 @@ class DenoiseLayerMixin:
 
     # -- losses ---------------------------------------------------------------------------
     def _wants_loss(self) -> bool:
-        return (
-            self.training
-            and torch.is_grad_enabled()
-            and any(p.requires_grad for p in self.denoiser_parameters())
-        )
+        trains = self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.denoiser_parameters())
+        if torch.compiler.is_compiling() and self._phase is not None:
+            # torch 2.11's Dynamo does not guard on a parameter's requires_grad, so a graph
+            # traced in one phase would run on in the next (computing a loss in the backbone
+            # phase). A branch on the phase set_phase recorded puts it in the graph's guards;
+            # the result is the same either way (newer torch guards requires_grad itself).
+            trains = trains if self._phase == "backbone" else trains
+        return trains
 
     def _loss_terms(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(loss, dL/dW_d, dL/db_d) of L1/L2 on the (M, K) rows, as the op computes them (with
