@@ -465,10 +465,10 @@ def test_compiles_fullgraph(monkeypatch):
 # split a GEMM's reduction by thread count inside our parallel region (before the kernel set
 # one MKL thread per work item, dL/dW_d differed between 1 and 2 threads on Intel only). MKL's
 # CPU detection is an exported function of torch's MKL: a preloaded stand-in returning CPU type
-# 7 makes MKL run the AVX-512 kernels it runs on Intel, so an AMD machine with AVX-512 tests
-# that path too (measured: GEMMs 1.4x faster, and a plain threaded G^T X then differs by
-# thread count, as on Intel).
-MKL_AVX512_SHIM = "int mkl_serv_cpu_detect(void) { return 7; }\n"
+# 7 (benchmarks/mkl_intel_path.sh) makes MKL run the AVX-512 kernels it runs on Intel, so an
+# AMD machine with AVX-512 tests that path too (measured: GEMMs 1.4x faster, and a plain
+# threaded G^T X then differs by thread count, as on Intel).
+MKL_INTEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "mkl_intel_path.sh")
 
 MKL_PATH_SCRIPT = r"""
 import sys, torch
@@ -499,7 +499,7 @@ def _mkl_exports(name: str) -> bool:
 
 
 @pytest.mark.parametrize("mkl_path", ["default", "avx2", "avx512"])
-def test_bitwise_for_any_thread_count_on_every_mkl_path(mkl_path, tmp_path):
+def test_bitwise_for_any_thread_count_on_every_mkl_path(mkl_path):
     import shutil
     import subprocess
     import sys
@@ -510,16 +510,13 @@ def test_bitwise_for_any_thread_count_on_every_mkl_path(mkl_path, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([here] + [p for p in sys.path if p]))
     if mkl_path == "avx2":
         env["MKL_ENABLE_INSTRUCTIONS"] = "AVX2"
-    elif mkl_path == "avx512":
+    command = [sys.executable, "-c", MKL_PATH_SCRIPT]
+    if mkl_path == "avx512":
         if "avx512f" not in cpu_flags():
             pytest.skip("the CPU has no AVX-512")
-        cc = shutil.which("cc") or shutil.which("gcc")
-        assert cc is not None, "a C compiler is needed to build the MKL CPU-type shim"
-        shim = tmp_path / "mkl_avx512.so"
-        (tmp_path / "shim.c").write_text(MKL_AVX512_SHIM)
-        subprocess.run([cc, "-shared", "-fPIC", "-o", str(shim), str(tmp_path / "shim.c")], check=True)
-        env["LD_PRELOAD"] = str(shim)
-    out = subprocess.run([sys.executable, "-c", MKL_PATH_SCRIPT], env=env, cwd=here, capture_output=True, text=True)
+        assert shutil.which(env.get("CC", "cc")), "a C compiler (cc, or $CC) is needed to build the MKL CPU-type shim"
+        command = ["bash", MKL_INTEL_PATH] + command
+    out = subprocess.run(command, env=env, cwd=here, capture_output=True, text=True)
     assert out.returncode == 0 and "bitwise ok" in out.stdout, out.stdout + out.stderr
     if mkl_path == "avx512":
         # The shim must really have switched MKL to the path that splits reductions by thread
