@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:  # benchmarks/ is not installed with the package; 
     sys.path.append(str(ROOT))  # the source tree cannot shadow the installed drep_kernels
 
 import drep_kernels  # noqa: E402
-from benchmarks import baselines, report, shapes  # noqa: E402
+from benchmarks import baselines, noise_paths, report, shapes  # noqa: E402
 from benchmarks.cases import STEP, make_case  # noqa: E402
 from benchmarks.timing import measure_memory  # noqa: E402
 from conftest import assert_close  # noqa: E402
@@ -241,6 +241,13 @@ def test_report_without_matplotlib_still_writes_markdown(tmp_path, monkeypatch):
 
 def test_report_refuses_empty_input(tmp_path):
     assert report.main([str(tmp_path / "missing.json")]) == 2
+
+
+def test_noise_paths_times_the_path_it_names(capsys):
+    # The baseline path exists on every CPU; its process must really take it (DREP_CPU_NO_AVX2).
+    assert noise_paths.main(["--rows", "3", "--cols", "37", "--repeats", "1", "--paths", "baseline"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| baseline |"))
+    assert float(row.split("|")[2]) > 0, row
 
 
 # --- the suite's own output ---------------------------------------------------------------
