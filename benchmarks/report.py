@@ -261,6 +261,9 @@ def header(machine: dict, when: str, rows: list[Row]) -> list[str]:
         + (f" (CUDA {env['torch_cuda']})" if env.get("torch_cuda") else "")
         + f", triton {env.get('triton') or 'not installed'}, python {machine.get('python_version', '?')}",
         f"- backends built: {env['backends']}" if env.get("backends") else "",
+        f"- CPU vector extensions: {', '.join(env['cpu_vector_extensions']) or 'none listed'}; the CPU kernels' "
+        f"vector path: {env['cpu_vector_path']}" if "cpu_vector_path" in env else "",
+        f"- BLAS: {env['blas']}" if env.get("blas") else "",
         f"- date: {when}" if when else "",
         f"- command: `{env['command']}`" if env.get("command") else "",
         f"- suite time: {env['elapsed_s']:.0f} s (pytest session)" if env.get("elapsed_s") is not None else "",

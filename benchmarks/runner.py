@@ -46,6 +46,27 @@ def device_name(device: str) -> str:
     return f"{cpu_model()} ({os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads)"
 
 
+def cpu_vector_extensions() -> list[str]:
+    """The CPU's vector extensions (AVX, AVX2, FMA, AVX-512 parts, AMX) from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split(":", 1)[1].split()
+    except (OSError, StopIteration):
+        return []
+    return sorted({f for f in flags if f.startswith(("avx", "amx")) or f == "fma"})
+
+
+def blas_path() -> str:
+    """Which GEMM kernels torch's BLAS runs: they set the floor."""
+    if "mkl" not in torch.__config__.show().lower():
+        return "torch's BLAS (not MKL)"
+    if "mkl_intel_path" in os.environ.get("LD_PRELOAD", ""):
+        return "MKL, forced onto its AVX-512 (Intel) kernels by benchmarks/mkl_intel_path.sh"
+    if os.environ.get("MKL_ENABLE_INSTRUCTIONS"):
+        return f"MKL, MKL_ENABLE_INSTRUCTIONS={os.environ['MKL_ENABLE_INSTRUCTIONS']}"
+    return "MKL, its own choice of kernels (AVX2 ones on AMD CPUs, AVX-512 ones on Intel CPUs that have it)"
+
+
 def environment(device: str) -> dict:
     """What the saved JSON records about this run (pytest-benchmark's machine_info["drep"])."""
     from drep_kernels.backends import NAMES, OPS, implements
@@ -68,6 +89,12 @@ def environment(device: str) -> dict:
     if device == "cuda":
         major, minor = torch.cuda.get_device_capability()
         env["capability"] = f"sm_{major}{minor}"
+    else:
+        from drep_kernels import _C
+
+        env["cpu_vector_extensions"] = cpu_vector_extensions()
+        env["cpu_vector_path"] = _C.cpu_vector_path()
+        env["blas"] = blas_path()
     return env
 
 

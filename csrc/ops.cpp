@@ -6,6 +6,8 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "cpu/isa.h"
+
 #ifdef DREP_WITH_CUDA
 #include "build_info.h"
 #endif
@@ -33,8 +35,15 @@ PyObject* build_info(PyObject*, PyObject*) {
   return Py_BuildValue("{s:s,s:N,s:N}", "torch", TORCH_VERSION, "cuda", cuda, "cuda_archs", archs);
 }
 
+// _C.cpu_vector_path(): the vector path the CPU kernels take in this process, "avx512", "avx2"
+// or "baseline" (csrc/cpu/isa.h): the CPU's, narrowed by DREP_CPU_NO_AVX512 / DREP_CPU_NO_AVX2.
+PyObject* cpu_vector_path(PyObject*, PyObject*) {
+  return PyUnicode_FromString(drep::cpu_path_name(drep::cpu_path()));
+}
+
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "What this extension was compiled against (torch, CUDA, archs)."},
+    {"cpu_vector_path", cpu_vector_path, METH_NOARGS, "The vector path of the CPU kernels here (avx512, avx2, baseline)."},
     {nullptr, nullptr, 0, nullptr},
 };
 
@@ -42,7 +51,7 @@ PyMethodDef methods[] = {
 
 extern "C" {
 // Importing drep_kernels._C runs the static registrars below (the kernels); the module itself
-// holds only build_info().
+// holds only build_info() and cpu_vector_path().
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);

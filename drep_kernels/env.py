@@ -77,6 +77,10 @@ def _build_lines(running_torch: str) -> list[str]:
     else:
         archs = ", ".join(f"sm_{int(a) // 10}" for a in info["cuda_archs"].split(","))
         lines.append(f"  CUDA kernels built for {archs} against CUDA {info['cuda']} headers")
+    lines.append(
+        f"  CPU kernels' vector path: {_C.cpu_vector_path()} (chosen at run time; DREP_CPU_NO_AVX512=1 or "
+        "DREP_CPU_NO_AVX2=1 narrows it)"
+    )
     return lines
 
 

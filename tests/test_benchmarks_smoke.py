@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:  # benchmarks/ is not installed with the package; 
     sys.path.append(str(ROOT))  # the source tree cannot shadow the installed drep_kernels
 
 import drep_kernels  # noqa: E402
-from benchmarks import baselines, report, shapes  # noqa: E402
+from benchmarks import baselines, noise_paths, report, shapes  # noqa: E402
 from benchmarks.cases import STEP, make_case  # noqa: E402
 from benchmarks.timing import measure_memory  # noqa: E402
 from conftest import assert_close  # noqa: E402
@@ -188,7 +188,9 @@ def _bench(group, contender, role, median, **info):
 SAVED = {
     "machine_info": {"cpu": {"brand_raw": "Test CPU", "count": 2}, "python_version": "3.11",
                      "drep": {"device_name": "Test CPU", "torch": "2.x", "triton": None,
-                              "command": "pytest benchmarks/ --benchmark-only"}},
+                              "command": "pytest benchmarks/ --benchmark-only",
+                              "cpu_vector_extensions": ["avx", "avx2", "avx512f", "fma"], "cpu_vector_path": "avx512",
+                              "blas": "MKL, its own choice"}},
     "datetime": "2026-01-01T00:00:00",
     "benchmarks": [
         _bench("denoise_loss[full]/M394xK64/float32", "floor", "floor", 1e-3, K=64, M=394, gflops=10.0),
@@ -212,6 +214,8 @@ def test_report_turns_saved_json_into_a_table(tmp_path, capsys):
     text = (tmp_path / "out" / "report.md").read_text()
     assert "### `denoise_loss[full]/M394xK64/float32`" in text
     assert "- device: Test CPU" in text and "pytest benchmarks/ --benchmark-only" in text
+    assert "- CPU vector extensions: avx, avx2, avx512f, fma; the CPU kernels' vector path: avx512" in text
+    assert "- BLAS: MKL, its own choice" in text
     row = next(line for line in text.splitlines() if line.startswith("| drep[torch] | 2 ms"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[5:8] == ["2.00", "2.00", "16.2 KiB"]  # x floor, vs eager, saved
@@ -237,6 +241,13 @@ def test_report_without_matplotlib_still_writes_markdown(tmp_path, monkeypatch):
 
 def test_report_refuses_empty_input(tmp_path):
     assert report.main([str(tmp_path / "missing.json")]) == 2
+
+
+def test_noise_paths_times_the_path_it_names(capsys):
+    # The baseline path exists on every CPU; its process must really take it (DREP_CPU_NO_AVX2).
+    assert noise_paths.main(["--rows", "3", "--cols", "37", "--repeats", "1", "--paths", "baseline"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| baseline |"))
+    assert float(row.split("|")[2]) > 0, row
 
 
 # --- the suite's own output ---------------------------------------------------------------

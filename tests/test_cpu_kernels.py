@@ -19,7 +19,7 @@ from drep_kernels.backends import implements, kernels, select
 if not implements("cpu", "denoise_loss", "cpu"):
     pytest.skip("the C++ CPU kernel of denoise_loss is not built", allow_module_level=True)
 
-from conftest import CLAMP_SEED, CLAMPED_COUNTERS, TOLERANCES, assert_close  # noqa: E402
+from conftest import CLAMP_SEED, CLAMPED_COUNTERS, TOLERANCES, assert_close, cpu_flags  # noqa: E402
 from oracle import denoise_loss_grads  # noqa: E402
 
 from drep_kernels.ops.denoise_loss import denoise_loss, denoise_loss_op  # noqa: E402
@@ -219,8 +219,9 @@ def kernel_noise(seed: int, row0: int, rows: int, cols: int) -> torch.Tensor:
 @pytest.mark.parametrize("cols", [1, 3, 37, 64])
 def test_noise_matches_rng(seed, row0, cols):
     # 64-bit counters (row0 * ceil(cols / 4) crosses 2^32 for the larger rows: the counter's
-    # high word and its carry) and 64-bit seeds (the key's high word); 37 columns cover the
-    # 32-wide path, its tail and a cut last counter; 3 rows cover row starts.
+    # high word and its carry) and 64-bit seeds (the key's high word); 37 columns cover a
+    # vector block, its tail and a cut last counter; 3 rows cover row starts. (This process's
+    # vector path only: tests/test_cpu_vector_paths.py runs every path, with wider rows.)
     got = kernel_noise(seed, row0, 3, cols)
     want = rng.normal(seed, 3, cols, row0=row0)
     # Same integer stream; log, sin and cos round differently (a few float32 ulps).
@@ -459,53 +460,15 @@ def test_compiles_fullgraph(monkeypatch):
     assert_close(b.grad, ref_gb, rtol, atol, "b_d.grad")
 
 
-BASELINE_SCRIPT = """
-import torch
-from drep_kernels import rng
-from drep_kernels.backends import kernels
-import test_cpu_kernels as t
-
-fwd = t.fwd
-for seed, row0 in [(1234, 0), (2**32 + 7, 2**32 // 10 - 1)]:
-    for cols in (1, 3, 37):
-        want = rng.normal(seed, 3, cols, row0=row0)
-        torch.testing.assert_close(t.kernel_noise(seed, row0, 3, cols), want, rtol=2e-6, atol=2e-6)
-for dtype in (torch.float32, torch.float64, torch.bfloat16):
-    for bias in (True, False):
-        x, w, b, eps = t.make_inputs(130, 13, dtype, bias=bias)
-        t.check_against_oracle(fwd(x, w, b, t.A, t.S, eps, t.SEED, True), x, w, b, eps, dtype)
-        seed = torch.tensor(5)
-        got = fwd(x, w, b, t.A, t.S, None, seed, True)
-        want = kernels("torch").denoise_loss_fwd(x, w, b, t.A, t.S, None, seed, True)
-        for g, r in zip(got, want):
-            t.assert_close(g, r, 1e-5, 1e-7)
-print("baseline ok")
-"""
-
-
-def test_baseline_isa_paths():
-    # The scalar noise (csrc/philox.h) and the generic epilogue, which machines without AVX2
-    # run: forced with DREP_CPU_NO_AVX2 in a fresh process (the choice is made once).
-    import os
-    import subprocess
-    import sys
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, DREP_CPU_NO_AVX2="1")
-    env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in sys.path if p])
-    out = subprocess.run([sys.executable, "-c", BASELINE_SCRIPT], env=env, cwd=here, capture_output=True, text=True)
-    assert out.returncode == 0 and "baseline ok" in out.stdout, out.stdout + out.stderr
-
-
 # --- determinism on every BLAS path ---------------------------------------------------------
 # MKL picks its GEMM kernels by CPU: AVX2 ones on AMD, AVX-512 ones on Intel. Only the latter
 # split a GEMM's reduction by thread count inside our parallel region (before the kernel set
 # one MKL thread per work item, dL/dW_d differed between 1 and 2 threads on Intel only). MKL's
 # CPU detection is an exported function of torch's MKL: a preloaded stand-in returning CPU type
-# 7 makes MKL run the AVX-512 kernels it runs on Intel, so an AMD machine with AVX-512 tests
-# that path too (measured: GEMMs 1.4x faster, and a plain threaded G^T X then differs by
-# thread count, as on Intel).
-MKL_AVX512_SHIM = "int mkl_serv_cpu_detect(void) { return 7; }\n"
+# 7 (benchmarks/mkl_intel_path.sh) makes MKL run the AVX-512 kernels it runs on Intel, so an
+# AMD machine with AVX-512 tests that path too (measured: GEMMs 1.4x faster, and a plain
+# threaded G^T X then differs by thread count, as on Intel).
+MKL_INTEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "mkl_intel_path.sh")
 
 MKL_PATH_SCRIPT = r"""
 import sys, torch
@@ -535,16 +498,8 @@ def _mkl_exports(name: str) -> bool:
         return False
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next(line for line in f if line.startswith("flags")).split(":")[1].split())
-    except (OSError, StopIteration):
-        return set()
-
-
 @pytest.mark.parametrize("mkl_path", ["default", "avx2", "avx512"])
-def test_bitwise_for_any_thread_count_on_every_mkl_path(mkl_path, tmp_path):
+def test_bitwise_for_any_thread_count_on_every_mkl_path(mkl_path):
     import shutil
     import subprocess
     import sys
@@ -555,16 +510,13 @@ def test_bitwise_for_any_thread_count_on_every_mkl_path(mkl_path, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([here] + [p for p in sys.path if p]))
     if mkl_path == "avx2":
         env["MKL_ENABLE_INSTRUCTIONS"] = "AVX2"
-    elif mkl_path == "avx512":
-        if "avx512f" not in _cpu_flags():
+    command = [sys.executable, "-c", MKL_PATH_SCRIPT]
+    if mkl_path == "avx512":
+        if "avx512f" not in cpu_flags():
             pytest.skip("the CPU has no AVX-512")
-        cc = shutil.which("cc") or shutil.which("gcc")
-        assert cc is not None, "a C compiler is needed to build the MKL CPU-type shim"
-        shim = tmp_path / "mkl_avx512.so"
-        (tmp_path / "shim.c").write_text(MKL_AVX512_SHIM)
-        subprocess.run([cc, "-shared", "-fPIC", "-o", str(shim), str(tmp_path / "shim.c")], check=True)
-        env["LD_PRELOAD"] = str(shim)
-    out = subprocess.run([sys.executable, "-c", MKL_PATH_SCRIPT], env=env, cwd=here, capture_output=True, text=True)
+        assert shutil.which(env.get("CC", "cc")), "a C compiler (cc, or $CC) is needed to build the MKL CPU-type shim"
+        command = ["bash", MKL_INTEL_PATH] + command
+    out = subprocess.run(command, env=env, cwd=here, capture_output=True, text=True)
     assert out.returncode == 0 and "bitwise ok" in out.stdout, out.stdout + out.stderr
     if mkl_path == "avx512":
         # The shim must really have switched MKL to the path that splits reductions by thread

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -136,6 +137,8 @@ def test_env_reports_the_build_from_the_extension():
     assert info["torch"] == torch.__version__.split("+")[0]
     out = _env_report()
     assert f"built with torch {info['torch']}" in out and "MISMATCH" not in out, out
+    # The run-time choice of csrc/cpu/isa.h (tests/test_cpu_vector_paths.py checks which).
+    assert re.search(r"CPU kernels' vector path: (avx512|avx2|baseline) ", out), out
     cuda_registered = torch._C._dispatch_has_kernel_for_dispatch_key("drep::denoise_loss_fwd", "CUDA")
     if cuda_registered:
         # nvcc's own list of the architectures compiled (CI builds 8.0 and 9.0).

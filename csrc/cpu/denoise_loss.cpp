@@ -12,6 +12,19 @@
 //     (summed per chunk in pass 1's sweep).
 // Step t runs pass 1 of tile t and pass 2 of tile t - 1 as one pool of items (double-buffered
 // tiles), so the threads share both GEMMs' work with one barrier per tile.
+//
+// Work per element of x, counted for issue #14 (the same before and after it; what changed is
+// the noise's vector width):
+// - noise, drawn once (noise.h): 1/4 Philox4x32-10 call (one counter gives four normals), so 5
+//   32 x 32 -> 64-bit multiplies; 1/2 log, 1/2 sqrt and 1/2 sin-and-cos (Box-Muller pairs);
+// - passes over the chunk's rows: x gathered into the tile buffer; eps written once into the
+//   thread's chunk buffer (L2-sized), then read twice, by the noising (x_noisy = a x + s eps,
+//   in place) and by the epilogue (D = p + b_d - eps: no second draw); the epilogue reads p
+//   and writes G over it; then the two GEMMs read x_noisy, and G with x_noisy.
+// Measured alone (AMD Zen 4 with AVX-512, 1 thread, K = 384, ns per element): noise 9.1 on
+// the baseline path, 1.50 on AVX2, 0.90 on AVX-512; gather 0.08, noising 0.08, epilogue
+// 0.20. So the noise is the elementwise cost that matters, and only it has an AVX-512 path.
+//
 // Nothing of size M x K exists; the temporary memory is bounded by the tile sizes (see
 // denoise_loss_cpu_impl). W_d and b_d are cast once to the compute dtype (K x K + K). x and
 // noise may have any strides and any floating dtype: their rows are gathered and converted
@@ -38,16 +51,14 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "../common.h"
-#include "../philox.h"
+#include "isa.h"
+#include "noise.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define DREP_HAVE_AVX2_PATH 1
+#ifdef DREP_HAVE_X86_PATHS
 #include <immintrin.h>
 #endif
 
@@ -90,208 +101,8 @@ Plan make_plan(int64_t M, int64_t K) {
   return p;
 }
 
-// The AVX2 + FMA code paths are taken on machines that have them (decided once per process;
-// DREP_CPU_NO_AVX2=1 forces the baseline paths, which is how the tests reach them).
-bool cpu_has_avx2() {
-#ifdef DREP_HAVE_AVX2_PATH
-  static const bool avx2 = [] {
-    const char* off = std::getenv("DREP_CPU_NO_AVX2");
-    const bool forced_off = off != nullptr && off[0] != '\0' && std::strcmp(off, "0") != 0;
-    return !forced_off && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return avx2;
-#else
-  return false;
-#endif
-}
-
 // Independent partial sums per row in the epilogue (fixed, so vectorisable and deterministic).
 constexpr int kLanes = 8;
-
-// ---------------------------------------------------------------------------------------
-// Noise (N1): row m of eps is the Q = ceil(K / 4) counters m Q .. m Q + Q - 1, four normals
-// each: (r0 cos 2 pi u1, r0 sin 2 pi u1, r2 cos 2 pi u3, r2 sin 2 pi u3) from Philox4x32-10.
-
-void noise_row_scalar(uint64_t seed, uint64_t m, int64_t K, float* out) {
-  const uint64_t Q = static_cast<uint64_t>((K + 3) / 4);
-  for (int64_t k = 0; k < K; k += 4) {
-    float four[4];
-    philox_normal4(seed, m * Q + static_cast<uint64_t>(k / 4), four);
-    std::memcpy(out + k, four, static_cast<size_t>(std::min<int64_t>(4, K - k)) * sizeof(float));
-  }
-}
-#ifdef DREP_HAVE_AVX2_PATH
-// Eight Philox counters at once: the integer stream is bit-for-bit csrc/philox.h; log, sin
-// and cos are Cephes-style float polynomials (about 1 ulp), so eps matches philox_normal4 to
-// the rounding of log, sin and cos, which is all N1 promises across backends.
-
-#define DREP_AVX2 __attribute__((target("avx2,fma")))
-
-// uint32 word -> int32 -> fold negatives onto [0, 2^31) -> [0, 1), as word_to_uniform.
-DREP_AVX2 inline __m256 uniform8(__m256i w) {
-  const __m256i folded = _mm256_xor_si256(w, _mm256_srai_epi32(w, 31));  // v < 0: ~v = -v - 1
-  return _mm256_mul_ps(_mm256_cvtepi32_ps(folded), _mm256_set1_ps(4.6566127342e-10f));
-}
-
-// Natural log of positive normal floats (here the radius uniforms, in [1e-7, 1)): x = m 2^e with m in
-// [sqrt(1/2), sqrt(2)), ln x = e ln 2 + ln(1 + f), f = m - 1, ln(1 + f) by Cephes' logf
-// polynomial; ln 2 is split in two so e ln 2 adds no rounding.
-DREP_AVX2 inline __m256 log8(__m256 x) {
-  const __m256i bits = _mm256_castps_si256(x);
-  const __m256 one = _mm256_set1_ps(1.0f);
-  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
-  const __m256 m = _mm256_castsi256_ps(
-      _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007FFFFF)), _mm256_set1_epi32(0x3F000000)));
-  const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
-  e = _mm256_sub_ps(e, _mm256_and_ps(small, one));
-  const __m256 f = _mm256_add_ps(_mm256_sub_ps(m, one), _mm256_and_ps(small, m));  // exact
-  const __m256 z = _mm256_mul_ps(f, f);
-  __m256 y = _mm256_set1_ps(7.0376836292e-2f);
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.1514610310e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.1676998740e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.2420140846e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.4249322787e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.6668057665e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(2.0000714765e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-2.4999993993e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(3.3333331174e-1f));
-  y = _mm256_mul_ps(_mm256_mul_ps(y, f), z);
-  y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
-  y = _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), z, y);
-  return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(f, y));
-}
-
-// sin x and cos x for x in [0, 2 pi]: x = r + j pi/4 with j even and |r| <= pi/4 (pi/4 split
-// in three so the reduction is exact to float), then +-sin r or +-cos r by Cephes' sinf/cosf
-// polynomials, chosen by the quadrant q = j / 2 mod 4.
-DREP_AVX2 inline void sincos8(__m256 x, __m256* sin_x, __m256* cos_x) {
-  __m256i j = _mm256_cvttps_epi32(_mm256_mul_ps(x, _mm256_set1_ps(1.27323954473516f)));  // 4 / pi
-  j = _mm256_and_si256(_mm256_add_epi32(j, _mm256_set1_epi32(1)), _mm256_set1_epi32(~1));
-  const __m256 y = _mm256_cvtepi32_ps(j);
-  __m256 r = _mm256_fnmadd_ps(y, _mm256_set1_ps(0.78515625f), x);
-  r = _mm256_fnmadd_ps(y, _mm256_set1_ps(2.4187564849853515625e-4f), r);
-  r = _mm256_fnmadd_ps(y, _mm256_set1_ps(3.77489497744594108e-8f), r);
-  const __m256 z = _mm256_mul_ps(r, r);
-  __m256 c = _mm256_set1_ps(2.443315711809948e-5f);
-  c = _mm256_fmadd_ps(c, z, _mm256_set1_ps(-1.388731625493765e-3f));
-  c = _mm256_fmadd_ps(c, z, _mm256_set1_ps(4.166664568298827e-2f));
-  c = _mm256_mul_ps(_mm256_mul_ps(c, z), z);
-  c = _mm256_add_ps(_mm256_fnmadd_ps(_mm256_set1_ps(0.5f), z, c), _mm256_set1_ps(1.0f));
-  __m256 s = _mm256_set1_ps(-1.9515295891e-4f);
-  s = _mm256_fmadd_ps(s, z, _mm256_set1_ps(8.3321608736e-3f));
-  s = _mm256_fmadd_ps(s, z, _mm256_set1_ps(-1.6666654611e-1f));
-  s = _mm256_fmadd_ps(_mm256_mul_ps(s, z), r, r);
-  // Quadrant q: cos x = (cos r, -sin r, -cos r, sin r)[q], sin x = (sin r, cos r, -sin r, -cos r)[q].
-  const __m256i q = _mm256_srli_epi32(j, 1);
-  const __m256 odd = _mm256_castsi256_ps(
-      _mm256_cmpeq_epi32(_mm256_and_si256(q, _mm256_set1_epi32(1)), _mm256_set1_epi32(1)));
-  const __m256 cos_sign = _mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_and_si256(_mm256_add_epi32(q, _mm256_set1_epi32(1)), _mm256_set1_epi32(2)), 30));
-  const __m256 sin_sign = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(q, _mm256_set1_epi32(2)), 30));
-  *cos_x = _mm256_xor_ps(_mm256_blendv_ps(c, s, odd), cos_sign);
-  *sin_x = _mm256_xor_ps(_mm256_blendv_ps(s, c, odd), sin_sign);
-}
-
-// Philox4x32-10 for two groups of four counters, one counter per 64-bit slot: a state word
-// lives in the low half of its slot (the high half is ignored), so _mm256_mul_epu32 yields
-// both product words with no shuffling. `ctr[g]` holds the 64-bit counters (c_lo, c_hi) in
-// place: low half c0, high half c1. w[4 g + i] gets output word i of group g, in the low
-// halves. (The vector multiplier is the bottleneck here: 20 multiplies per counter.)
-DREP_AVX2 inline void philox8(const __m256i ctr[2], const uint32_t* key0, const uint32_t* key1, __m256i w[8]) {
-  const __m256i round_a = _mm256_set1_epi64x(0xD2511F53u);
-  const __m256i round_b = _mm256_set1_epi64x(0xCD9E8D57u);
-  __m256i c0[2], c1[2], c2[2], c3[2];
-  for (int g = 0; g < 2; ++g) {  // round 0: c2 = c3 = 0, so the B product vanishes
-    const __m256i prod_a = _mm256_mul_epu32(ctr[g], round_a);
-    c0[g] = _mm256_xor_si256(_mm256_srli_epi64(ctr[g], 32), _mm256_set1_epi32(static_cast<int>(key0[0])));
-    c1[g] = _mm256_setzero_si256();
-    c2[g] = _mm256_xor_si256(_mm256_srli_epi64(prod_a, 32), _mm256_set1_epi32(static_cast<int>(key1[0])));
-    c3[g] = prod_a;
-  }
-  for (int r = 1; r < 10; ++r) {
-    const __m256i k0 = _mm256_set1_epi32(static_cast<int>(key0[r]));
-    const __m256i k1 = _mm256_set1_epi32(static_cast<int>(key1[r]));
-    for (int g = 0; g < 2; ++g) {
-      const __m256i prod_b = _mm256_mul_epu32(c2[g], round_b);
-      const __m256i prod_a = _mm256_mul_epu32(c0[g], round_a);
-      c0[g] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(prod_b, 32), c1[g]), k0);
-      c2[g] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(prod_a, 32), c3[g]), k1);
-      c1[g] = prod_b;
-      c3[g] = prod_a;
-    }
-  }
-  for (int g = 0; g < 2; ++g) {
-    w[4 * g] = c0[g];
-    w[4 * g + 1] = c1[g];
-    w[4 * g + 2] = c2[g];
-    w[4 * g + 3] = c3[g];
-  }
-}
-
-// The low halves of the slots of a and b as eight 32-bit lanes:
-// (a0, a1, b0, b1 | a2, a3, b2, b3).
-DREP_AVX2 inline __m256i pack_low_halves(__m256i a, __m256i b) {
-  return _mm256_castps_si256(
-      _mm256_shuffle_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(b), _MM_SHUFFLE(2, 0, 2, 0)));
-}
-
-DREP_AVX2 inline __m256 as_ps(__m256d v) { return _mm256_castpd_ps(v); }
-DREP_AVX2 inline __m256d as_pd(__m256 v) { return _mm256_castps_pd(v); }
-
-DREP_AVX2 void noise_row_avx2(uint64_t seed, uint64_t m, int64_t K, float* out) {
-  uint32_t key0[10], key1[10];
-  key0[0] = static_cast<uint32_t>(seed);
-  key1[0] = static_cast<uint32_t>(seed >> 32);
-  for (int r = 1; r < 10; ++r) {
-    key0[r] = key0[r - 1] + 0x9E3779B9u;
-    key1[r] = key1[r - 1] + 0xBB67AE85u;
-  }
-  // Counters c .. c + 7 go to the slots so that, packed, lanes 0-3 hold c, c+2, c+4, c+6 and
-  // lanes 4-7 hold c+1, c+3, c+5, c+7: then the in-lane transpose below leaves counter
-  // c + 2 i in the low and c + 2 i + 1 in the high half of output vector i, in order.
-  const __m256i offs[2] = {_mm256_setr_epi64x(0, 2, 1, 3), _mm256_setr_epi64x(4, 6, 5, 7)};
-  const uint64_t first = m * static_cast<uint64_t>((K + 3) / 4);
-  for (int64_t k = 0; k < K; k += 32) {
-    const __m256i base = _mm256_set1_epi64x(static_cast<long long>(first + static_cast<uint64_t>(k / 4)));
-    const __m256i ctr[2] = {_mm256_add_epi64(base, offs[0]), _mm256_add_epi64(base, offs[1])};
-    __m256i w[8];
-    philox8(ctr, key0, key1, w);
-    __m256 normal[4];  // (r0 cos, r0 sin, r2 cos, r2 sin), lanes as above
-    for (int pair = 0; pair < 2; ++pair) {
-      const __m256 u_r = _mm256_max_ps(uniform8(pack_low_halves(w[2 * pair], w[4 + 2 * pair])),
-                                        _mm256_set1_ps(1.0e-7f));
-      const __m256 u_a = uniform8(pack_low_halves(w[2 * pair + 1], w[4 + 2 * pair + 1]));
-      const __m256 radius = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), log8(u_r)));
-      __m256 sin_t, cos_t;
-      sincos8(_mm256_mul_ps(_mm256_set1_ps(6.283185307179586f), u_a), &sin_t, &cos_t);
-      normal[2 * pair] = _mm256_mul_ps(radius, cos_t);
-      normal[2 * pair + 1] = _mm256_mul_ps(radius, sin_t);
-    }
-    // 4 x 8 -> 8 x 4 within 128-bit lanes: vector i = the four normals of two counters.
-    const __m256 lo01 = _mm256_unpacklo_ps(normal[0], normal[1]), lo23 = _mm256_unpacklo_ps(normal[2], normal[3]);
-    const __m256 hi01 = _mm256_unpackhi_ps(normal[0], normal[1]), hi23 = _mm256_unpackhi_ps(normal[2], normal[3]);
-    alignas(32) float eps[32];
-    _mm256_store_ps(eps, as_ps(_mm256_unpacklo_pd(as_pd(lo01), as_pd(lo23))));
-    _mm256_store_ps(eps + 8, as_ps(_mm256_unpackhi_pd(as_pd(lo01), as_pd(lo23))));
-    _mm256_store_ps(eps + 16, as_ps(_mm256_unpacklo_pd(as_pd(hi01), as_pd(hi23))));
-    _mm256_store_ps(eps + 24, as_ps(_mm256_unpackhi_pd(as_pd(hi01), as_pd(hi23))));
-    std::memcpy(out + k, eps, static_cast<size_t>(std::min<int64_t>(32, K - k)) * sizeof(float));
-  }
-}
-#undef DREP_AVX2
-#endif  // DREP_HAVE_AVX2_PATH
-
-// Row m of eps, K elements. The path depends on the machine only, so every row of every run
-// takes the same one.
-void noise_row(uint64_t seed, uint64_t m, int64_t K, float* out) {
-#ifdef DREP_HAVE_AVX2_PATH
-  if (cpu_has_avx2()) {
-    noise_row_avx2(seed, m, K, out);
-    return;
-  }
-#endif
-  noise_row_scalar(seed, m, K, out);
-}
 
 // ---------------------------------------------------------------------------------------
 // Strided rows of any floating dtype, converted into a contiguous compute-dtype row.
@@ -375,7 +186,8 @@ void run_items(int64_t n, const F& item) {
 
 // ---------------------------------------------------------------------------------------
 // Elementwise row passes. Each body is written once and compiled twice: for the baseline ISA
-// and, on x86-64, for AVX2 + FMA (see cpu_has_avx2).
+// and, on x86-64, for AVX2 + FMA, which the AVX2 and AVX-512 paths of cpu_path() both run:
+// together 0.3 ns per element (header comment), too little for 16 lanes to show.
 
 // L1 noising in place over the row holding x: x_noisy = a x + s eps.
 template <typename scalar_t>
@@ -426,7 +238,7 @@ C10_ALWAYS_INLINE void epilogue_body(scalar_t* __restrict__ p, const scalar_t* _
   *sq_sum += row_sq;
 }
 
-#ifdef DREP_HAVE_AVX2_PATH
+#ifdef DREP_HAVE_X86_PATHS
 // The float32 epilogue_body in AVX2 intrinsics (the compiler does not vectorise the generic
 // one well): lane l of the accumulators holds the elements k = l mod 8, as there.
 template <bool kGrad, bool kColSum>
@@ -482,8 +294,8 @@ __attribute__((target("avx2,fma"))) void epilogue_avx2(scalar_t* p, const scalar
 
 template <typename scalar_t>
 void noising_row(scalar_t* xr, const scalar_t* er, int64_t n, scalar_t a, scalar_t s) {
-#ifdef DREP_HAVE_AVX2_PATH
-  if (cpu_has_avx2()) return noising_avx2(xr, er, n, a, s);
+#ifdef DREP_HAVE_X86_PATHS
+  if (cpu_path() != CpuPath::kBaseline) return noising_avx2(xr, er, n, a, s);
 #endif
   noising_body(xr, er, n, a, s);
 }
@@ -491,8 +303,8 @@ void noising_row(scalar_t* xr, const scalar_t* er, int64_t n, scalar_t a, scalar
 template <typename scalar_t, bool kGrad, bool kColSum>
 void epilogue_row(scalar_t* p, const scalar_t* eps, const scalar_t* bias, int64_t n, scalar_t inv_mk,
                   scalar_t* col_sum, double* abs_sum, double* sq_sum) {
-#ifdef DREP_HAVE_AVX2_PATH
-  if (cpu_has_avx2()) {
+#ifdef DREP_HAVE_X86_PATHS
+  if (cpu_path() != CpuPath::kBaseline) {
     if constexpr (std::is_same_v<scalar_t, float>) {
       return epilogue_f32_avx2<kGrad, kColSum>(p, eps, bias, n, inv_mk, col_sum, abs_sum, sq_sum);
     } else {
