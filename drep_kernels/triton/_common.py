@@ -60,6 +60,17 @@ def rounded(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def grouped_tile(pid, num_rows, num_cols, GROUP: tl.constexpr):
+    """(row block, column block) of program ``pid`` over a num_rows x num_cols grid of tiles,
+    in grouped order: GROUP row blocks take each column block in turn, so that the column
+    block's operand stays in L2 while they read it."""
+    num_pid_in_group = GROUP * num_cols
+    first = (pid // num_pid_in_group) * GROUP
+    group_size = min(num_rows - first, GROUP)
+    return first + (pid % num_pid_in_group) % group_size, (pid % num_pid_in_group) // group_size
+
+
+@triton.jit
 def join_scalar(hi, lo, DTYPE: tl.constexpr):
     return tl.cast(hi, DTYPE) + tl.cast(lo, DTYPE)  # tl.cast: triton 3.6 has no tl.to_tensor
 

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .. import precision, rng
 from . import _common
-from ._common import dot, join_scalar, rounded, tl_dtype
+from ._common import dot, grouped_tile, join_scalar, rounded, tl_dtype
 
 # Chunk budget in elements (rows are a multiple of 128, at least 128). Tests lower it to run
 # several chunks on small shapes.
@@ -126,15 +126,8 @@ def _loss_gemm_kernel(
     # L1: p = x_noisy W_d^T + b_d, D = p - eps, the program's sums of |D| and D^2.
     # L2 (COMPUTE_GRAD): G' = sign D + 2 D, its column sums (db_d) and G' in GEMM_DTYPE.
     seed = _seed(seed, seed_ptr, SEED_FROM_PTR)
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(R, BLOCK_M)
-    num_pid_n = tl.cdiv(K, BLOCK_N)
-    # Grouped order: GROUP_M row blocks share each W_d column block while it is in L2.
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_m = (pid // num_pid_in_group) * GROUP_M
-    group_size = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % num_pid_in_group) % group_size
-    pid_n = (pid % num_pid_in_group) // group_size
+    # GROUP_M row blocks share each W_d column block while it is in L2.
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(R, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
 
     offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -185,14 +178,7 @@ def _grad_gemm_kernel(
         (GEMM_DTYPE == g_ptr.dtype.element_ty) & (GEMM_DTYPE == xn_ptr.dtype.element_ty),
         "G' and x_noisy must be stored in GEMM_DTYPE",
     )
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(K, BLOCK_N)
-    num_pid_k = tl.cdiv(K, BLOCK_K)
-    num_pid_in_group = GROUP_N * num_pid_k
-    first_n = (pid // num_pid_in_group) * GROUP_N
-    group_size = min(num_pid_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % num_pid_in_group) % group_size
-    pid_k = (pid % num_pid_in_group) // group_size
+    pid_n, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(K, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_N)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .. import precision
 from . import _common
-from ._common import dot, join_scalar, rounded, tl_dtype
+from ._common import dot, grouped_tile, join_scalar, rounded, tl_dtype
 
 
 @triton.jit
@@ -48,14 +48,8 @@ def _merge_gemm_kernel(
         n_ext = N + 1  # the output's columns, the extra bias column included
     else:
         n_ext = N
-    num_pid_r = tl.cdiv(R, BLOCK_R)
-    num_pid_n = tl.cdiv(n_ext, BLOCK_N)
-    # Grouped order: GROUP_R row blocks share each B column block while it is in L2.
-    num_pid_in_group = GROUP_R * num_pid_n
-    first_r = (pid // num_pid_in_group) * GROUP_R
-    group_size = min(num_pid_r - first_r, GROUP_R)
-    pid_r = first_r + (pid % num_pid_in_group) % group_size
-    pid_n = (pid % num_pid_in_group) // group_size
+    # GROUP_R row blocks share each B column block while it is in L2.
+    pid_r, pid_n = grouped_tile(pid, tl.cdiv(R, BLOCK_R), tl.cdiv(n_ext, BLOCK_N), GROUP_R)
 
     offs_r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
