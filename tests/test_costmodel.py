@@ -214,7 +214,8 @@ def test_triton_launches_are_the_code(monkeypatch):
 class _AtenOps(TorchDispatchMode):
     """The aten ops a region dispatches, without those that launch no kernel (views, detach)."""
 
-    NO_KERNEL = {"view", "t", "transpose", "unsqueeze", "expand", "detach", "select", "squeeze_"}
+    # (_unsafe_view: a view that torch 2.15 dispatches after a 3-D linear, where 2.14 does not)
+    NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "unsqueeze", "expand", "detach", "select", "squeeze_"}
 
     def __init__(self):
         super().__init__()
