@@ -7,6 +7,7 @@
 #include <torch/version.h>
 
 #include "cpu/isa.h"
+#include "cpu/workspace.h"
 
 #ifdef DREP_WITH_CUDA
 #include "build_info.h"
@@ -41,9 +42,20 @@ PyObject* cpu_vector_path(PyObject*, PyObject*) {
   return PyUnicode_FromString(drep::cpu_path_name(drep::cpu_path()));
 }
 
+// _C.cpu_workspace(release): the bytes of scratch the CPU loss kernel keeps for the calling
+// thread (csrc/cpu/workspace.h); with a true `release`, frees them after reading.
+PyObject* cpu_workspace(PyObject*, PyObject* release) {
+  const int free_it = PyObject_IsTrue(release);
+  if (free_it < 0) return nullptr;
+  PyObject* held = PyLong_FromSize_t(drep::cpu_workspace_bytes());
+  if (held != nullptr && free_it) drep::release_cpu_workspace();
+  return held;
+}
+
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "What this extension was compiled against (torch, CUDA, archs)."},
     {"cpu_vector_path", cpu_vector_path, METH_NOARGS, "The vector path of the CPU kernels here (avx512, avx2, baseline)."},
+    {"cpu_workspace", cpu_workspace, METH_O, "Scratch bytes the CPU loss kernel keeps for this thread; frees them if the argument is true."},
     {nullptr, nullptr, 0, nullptr},
 };
 
@@ -51,7 +63,7 @@ PyMethodDef methods[] = {
 
 extern "C" {
 // Importing drep_kernels._C runs the static registrars below (the kernels); the module itself
-// holds only build_info() and cpu_vector_path().
+// holds only build_info(), cpu_vector_path() and cpu_workspace().
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);

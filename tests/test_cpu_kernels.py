@@ -92,11 +92,12 @@ def test_matches_oracle(dtype, M, K, bias):
     check_against_oracle(out, x, w, b, eps, dtype)
 
 
-# Tiles hold at most about 2^20 elements (at most 4096 rows of 256-row chunks at K = 33, 1024
-# rows of 512-row chunks at K = 1030), M is cut into equal tiles and a tile into an even number
-# of equal chunks (make_plan). These shapes span 2 tiles with ragged ends: 4501 = 2251 + 2250
-# rows in chunks of 226, 1101 = 551 + 550 rows in chunks of 276; K = 1030 has 3 gradient blocks.
-MULTI_TILE = [(4501, 33), (1101, 1030)]
+# Tiles hold at most about 2^20 elements, and at least 2 chunks of at most 800 rows (at most
+# 12800 rows at K = 33, 1600 rows at K >= 656); M is cut into equal tiles and a tile into an
+# even number of equal chunks (make_plan). These shapes span 2 tiles with ragged ends:
+# 24001 = 12001 + 12000 rows in chunks of 751, 1601 = 801 + 800 rows in chunks of 401;
+# K = 1540 has 3 gradient blocks of 514 (the last 512).
+MULTI_TILE = [(24001, 33), (1601, 1540)]
 
 
 @pytest.mark.parametrize("M,K", MULTI_TILE, ids=["2-tiles", "2-tiles-3-blocks"])
@@ -372,7 +373,7 @@ def test_seeded_float64_uses_float32_noise():
 
 # --- determinism --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("M,K", [(3500, 300), (1100, 1100)], ids=["2-tiles", "2-tiles-3-blocks"])
+@pytest.mark.parametrize("M,K", MULTI_TILE, ids=["2-tiles", "2-tiles-3-blocks"])
 @pytest.mark.parametrize("seeded", [True, False], ids=["seeded", "noise"])
 def test_bitwise_same_for_1_and_2_threads(M, K, seeded):
     x, w, b, eps = make_inputs(M, K, torch.float32, seed=1)
@@ -390,6 +391,55 @@ def test_bitwise_same_for_1_and_2_threads(M, K, seeded):
     for name, a_, b_, c_ in zip(("loss", "grad_weight", "grad_bias"), one, two, two_again):
         assert torch.equal(a_, b_), f"{name} differs between 1 and 2 threads"
         assert torch.equal(b_, c_), f"{name} differs between runs"
+
+
+# --- scratch memory kept between calls (csrc/cpu/workspace.h) ----------------------------
+
+def test_workspace_is_kept_and_reused_without_stale_data():
+    from drep_kernels import _C
+
+    x, w, b, eps = make_inputs(130, 127, torch.float32, seed=3)
+    seed = torch.tensor(77)
+    _C.cpu_workspace(True)
+    fresh = fwd(x, w, b, A, S, None, seed, True)
+    held = _C.cpu_workspace(False)
+    assert held > 0, "the loss kept no workspace"
+    # Poison: a larger call with NaN inputs leaves NaN in every buffer the next call reuses.
+    big = torch.full((1000, 300), math.nan)
+    wb = torch.full((300, 300), math.nan)
+    assert math.isnan(fwd(big, wb, wb[0], A, S, big, seed, True)[0].item())
+    assert _C.cpu_workspace(False) > held, "the larger call did not grow the workspace"
+    grown = _C.cpu_workspace(False)
+    again = fwd(x, w, b, A, S, None, seed, True)
+    assert _C.cpu_workspace(False) == grown, "a smaller call reallocated the workspace"
+    for name, f, g in zip(("loss", "grad_weight", "grad_bias"), fresh, again):
+        assert torch.equal(f, g), f"{name} changed after the workspace held another call's data"
+    assert _C.cpu_workspace(True) == grown
+    assert _C.cpu_workspace(False) == 0
+
+
+def test_workspace_is_per_calling_thread():
+    import threading
+
+    from drep_kernels import _C
+
+    x, w, b, eps = make_inputs(300, 64, torch.float32, seed=5)
+    here = fwd(x, w, b, A, S, eps, SEED, True)
+    held_here = _C.cpu_workspace(False)
+    seen = {}
+
+    def other():
+        seen["before"] = _C.cpu_workspace(False)
+        seen["out"] = fwd(x, w, b, A, S, eps, SEED, True)
+        seen["after"] = _C.cpu_workspace(True)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+    assert seen["before"] == 0 and seen["after"] > 0
+    assert _C.cpu_workspace(False) == held_here, "another thread's call changed this thread's workspace"
+    for f, g in zip(here, seen["out"]):
+        assert torch.equal(f, g)
 
 
 # --- autograd and torch.library -----------------------------------------------------------

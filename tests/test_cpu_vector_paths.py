@@ -62,10 +62,10 @@ for dtype in (torch.float32, torch.float64, torch.bfloat16):
         want = kernels("torch").denoise_loss_fwd(x, w, b, t.A, t.S, None, seed, True)
         for name, g, r in zip(("loss", "grad_weight", "grad_bias"), got, want):
             assert_close(g, r, 1e-5, 1e-7, f"{dtype} bias={bias} {name}")
-t.test_bitwise_same_for_1_and_2_threads(3500, 300, True)
+t.test_bitwise_same_for_1_and_2_threads(*t.MULTI_TILE[0], True)
 # For the comparison between paths: noise rows and a seeded run over 2 tiles.
 noise = {cols: t.kernel_noise(2**33 + 5, 2**32 // 10 - 1, 9, cols) for cols in cols_list}
-x, w, b, _ = t.make_inputs(4501, 33, torch.float32, seed=4)
+x, w, b, _ = t.make_inputs(*t.MULTI_TILE[0], torch.float32, seed=4)
 seeded = t.fwd(x, w, b, t.A, t.S, None, torch.tensor(2**33 + 12345), True)
 torch.save({"noise": noise, "seeded": seeded}, out_file)
 print("path ok")

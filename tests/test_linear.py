@@ -191,18 +191,16 @@ def test_gradient_accumulation_reuses_the_cached_merge():
 
 
 def test_an_unread_loss_keeps_no_graph_alive(monkeypatch):
-    import drep_kernels.nn._denoise as denoise_mod
-
     seen = []
-    real = denoise_mod.denoise_loss_op
+    layer = _layer(dtype=torch.float32).train()
+    real = layer._loss_terms
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
         seen.append(weakref.ref(out[0]))  # the loss the op returned
         return out
 
-    monkeypatch.setattr(denoise_mod, "denoise_loss_op", spy)
-    layer = _layer(dtype=torch.float32).train()
+    monkeypatch.setattr(layer, "_loss_terms", spy)
     x = torch.randn(4, 6, requires_grad=True)
     for _ in range(3):
         layer(x).sum().backward()  # the task loss only: the denoising loss is never read

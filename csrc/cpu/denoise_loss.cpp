@@ -46,6 +46,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -57,6 +58,7 @@
 #include "../common.h"
 #include "isa.h"
 #include "noise.h"
+#include "workspace.h"
 
 #ifdef DREP_HAVE_X86_PATHS
 #include <immintrin.h>
@@ -77,11 +79,14 @@ struct Plan {
 
 Plan make_plan(int64_t M, int64_t K) {
   Plan p;
-  // Each forward call re-packs all of W_d (K x K) for BLAS, so chunks are long (measured at
-  // K = 768: 128-row chunks spent 8% of the GEMM time packing, 512-row chunks about 1%).
-  const int64_t chunk_target = K >= 512 ? 512 : 256;
-  // Tiles of about 2^20 elements (4 MiB in float32): a long reduction for the gradient GEMM
-  // and several chunks per tile to share among threads; at least 2 chunks.
+  // Long forward chunks: each call re-packs all of W_d (K x K) for BLAS, and MKL's GEMMs run
+  // slower on short ones. Measured (M = 1576, 1 thread, MKL's AVX-512 path, forward GEMM in
+  // chunks against one call): 394-row chunks 1.02x at K = 768 and 1.08x at K = 1536, 788-row
+  // chunks 1.00x and 1.035x; 197-row chunks 1.06x at K = 384.
+  const int64_t chunk_target = 800;
+  // Tiles of about 2^20 elements (4 MiB in float32), at least 2 chunks: a long reduction for
+  // the gradient GEMM, and several chunks per tile to share among threads. (Gradient GEMM in
+  // 788-row tiles against one 1576-row call: 1.08x at K = 768, 1.03x at K = 1536.)
   const int64_t chunks_target = (int64_t{1} << 20) / (chunk_target * std::max<int64_t>(K, 1));
   const int64_t tile_target = chunk_target * std::clamp<int64_t>(chunks_target, 2, 16);
   // M is cut into tiles of equal size, and a tile into an even number of equal chunks: the
@@ -93,9 +98,10 @@ Plan make_plan(int64_t M, int64_t K) {
   int64_t chunks = std::max<int64_t>(2, (p.tile_rows + chunk_target - 1) / chunk_target);
   chunks += chunks % 2;
   p.chunk_rows = std::max<int64_t>(1, (p.tile_rows + chunks - 1) / chunks);
-  // Gradient blocks of at most about 384 rows (smaller ones lose GEMM rate: x_noisy is
-  // re-packed per call), and at least 2 once K >= 256 so that the last step has 2 items.
-  p.n_blocks = std::max<int64_t>(K >= 256 ? 2 : 1, (K + 383) / 384);
+  // Gradient blocks of at most 768 rows (smaller ones lose GEMM rate: x_noisy is re-packed
+  // per call; 384-row blocks took 1.02x the time of 768-row ones at K = 1536 and 3072), and
+  // at least 2 once K >= 256 so that the last step has 2 items.
+  p.n_blocks = std::max<int64_t>(K >= 256 ? 2 : 1, (K + 767) / 768);
   p.block_rows = (K + p.n_blocks - 1) / p.n_blocks;
   p.n_blocks = (K + p.block_rows - 1) / p.block_rows;
   return p;
@@ -344,24 +350,42 @@ void denoise_loss_cpu_impl(const at::Tensor& x, const at::Tensor& weight, const 
   // Temporary memory, bounded whatever M: two sets (double buffering, see below) of two
   // tile buffers, x_noisy and p/G, plus one eps buffer of a chunk per thread:
   // (4 tile_rows + threads chunk_rows) K compute-dtype elements, at most
-  // 4 max(2^20, 1024 K) + threads 512 K: in float32 16 MiB + 2 MiB per thread up to K = 1024,
-  // 48 MiB + 6 MiB per thread at K = 3072; plus O(K) and O(K tile_rows / chunk_rows) scalars.
+  // 4 max(2^20, 1600 K) + threads 800 K (make_plan): in float32 16 MiB + 3.1 MiB per thread
+  // per 1024 of K up to K = 655, then 25 MiB + 3.1 MiB per thread per 1024 of K (K = 3072:
+  // 75 MiB + 9.4 MiB per thread); plus O(K) and O(K tile_rows / chunk_rows) scalars.
+  // All of it is carved from the calling thread's workspace (workspace.h), which is kept
+  // between calls: fresh pages cost a fault each, 5 to 10% of a call.
   const int64_t tile_rows = std::min(M, plan.tile_rows);
   const int64_t n_sets = compute_grad ? 2 : 1;
-  const auto opts = x.options().dtype(c10::CppTypeToScalarType<scalar_t>::value);
-  at::Tensor xn_buf = at::empty({n_sets, tile_rows, K}, opts);
-  at::Tensor pg_buf = at::empty({n_sets, tile_rows, K}, opts);  // p, then G in place
   const int64_t n_threads = at::get_num_threads();
-  at::Tensor eps_buf = at::empty({n_threads, std::min(M, plan.chunk_rows), K}, opts);
-  std::vector<float> eps_f32;  // float noise before widening, float64 only
-  if (!std::is_same_v<scalar_t, float> && load_noise == nullptr) {
-    eps_f32.resize(static_cast<size_t>(n_threads * K));
-  }
-
   const int64_t n_tiles = (M + plan.tile_rows - 1) / plan.tile_rows;
   const int64_t max_chunks = (tile_rows + plan.chunk_rows - 1) / plan.chunk_rows;
-  // Column sums of G per chunk (dL/db_d), summed over the chunks in order in pass 2.
-  at::Tensor colsum_buf = at::empty({has_bias ? n_sets : 0, max_chunks, K}, opts);
+  const bool widen_noise = !std::is_same_v<scalar_t, float> && load_noise == nullptr;
+  const int64_t buf_elems[] = {
+      n_sets * tile_rows * K,                           // x_noisy tiles
+      n_sets * tile_rows * K,                           // p, then G in place
+      n_threads * std::min(M, plan.chunk_rows) * K,     // eps of a chunk, per thread
+      (has_bias ? n_sets : 0) * max_chunks * K,         // column sums of G per chunk (dL/db_d)
+  };
+  constexpr size_t kAlign = 64;  // every buffer starts on a cache line
+  const auto padded = [](size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; };
+  size_t total_bytes = padded(static_cast<size_t>(widen_noise ? n_threads * K : 0) * sizeof(float));
+  for (const int64_t n : buf_elems) total_bytes += padded(static_cast<size_t>(n) * sizeof(scalar_t));
+  char* next_buf = static_cast<char*>(cpu_workspace(total_bytes));
+  const auto carve = [&](size_t bytes) {
+    char* p = next_buf;
+    next_buf += padded(bytes);
+    return p;
+  };
+  const auto opts = x.options().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  const at::Tensor xn_buf = at::from_blob(carve(buf_elems[0] * sizeof(scalar_t)), {n_sets, tile_rows, K}, opts);
+  const at::Tensor pg_buf = at::from_blob(carve(buf_elems[1] * sizeof(scalar_t)), {n_sets, tile_rows, K}, opts);
+  scalar_t* const eps_buf = reinterpret_cast<scalar_t*>(carve(buf_elems[2] * sizeof(scalar_t)));
+  scalar_t* const colsum_buf = reinterpret_cast<scalar_t*>(carve(buf_elems[3] * sizeof(scalar_t)));
+  // float noise before widening, float64 only
+  float* const eps_f32 = widen_noise ? reinterpret_cast<float*>(carve(n_threads * K * sizeof(float))) : nullptr;
+  const int64_t eps_stride = std::min(M, plan.chunk_rows) * K;
+
   std::vector<double> chunk_abs(max_chunks), chunk_sq(max_chunks);
   std::vector<double> bias_acc(has_bias ? K : 0, 0.0);
   double total_abs = 0, total_sq = 0;
@@ -375,7 +399,11 @@ void denoise_loss_cpu_impl(const at::Tensor& x, const at::Tensor& weight, const 
     scalar_t* xn = xn_tile.data_ptr<scalar_t>() + r0 * K;
     scalar_t* pg = pg_tile.data_ptr<scalar_t>() + r0 * K;
     TORCH_INTERNAL_ASSERT(thread < n_threads);
-    scalar_t* eps = eps_buf[thread].data_ptr<scalar_t>();
+    scalar_t* eps = eps_buf + thread * eps_stride;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      // The chunk's rows at once: one span of counters when 4 divides K (noise.h).
+      if (load_noise == nullptr) noise_rows(seed, static_cast<uint64_t>(t0 + r0), nr, K, eps);
+    }
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t m = t0 + r0 + r;
       scalar_t* xr = xn + r * K;
@@ -383,10 +411,8 @@ void denoise_loss_cpu_impl(const at::Tensor& x, const at::Tensor& weight, const 
       load_x(x_base + m * x_row, x_col, K, xr);
       if (load_noise != nullptr) {
         load_noise(n_base + m * n_row, n_col, K, er);
-      } else if constexpr (std::is_same_v<scalar_t, float>) {
-        noise_row(seed, static_cast<uint64_t>(m), K, er);
-      } else {
-        float* ef = eps_f32.data() + thread * K;
+      } else if constexpr (!std::is_same_v<scalar_t, float>) {
+        float* ef = eps_f32 + thread * K;
         noise_row(seed, static_cast<uint64_t>(m), K, ef);
         for (int64_t k = 0; k < K; ++k) er[k] = static_cast<scalar_t>(ef[k]);
       }
@@ -397,7 +423,7 @@ void denoise_loss_cpu_impl(const at::Tensor& x, const at::Tensor& weight, const 
     double sum_abs = 0, sum_sq = 0;
     scalar_t* col_sum = nullptr;
     if (has_bias) {
-      col_sum = colsum_buf.data_ptr<scalar_t>() + ((t % n_sets) * max_chunks + c) * K;
+      col_sum = colsum_buf + ((t % n_sets) * max_chunks + c) * K;
       std::fill(col_sum, col_sum + K, scalar_t(0));
     }
     for (int64_t r = 0; r < nr; ++r) {
@@ -426,7 +452,7 @@ void denoise_loss_cpu_impl(const at::Tensor& x, const at::Tensor& weight, const 
     gw_rows.addmm_(g_tile.narrow(1, j0, nj).t(), xn_buf[t % n_sets].narrow(0, 0, rows));
     if (has_bias) {
       const int64_t n_chunks = (rows + plan.chunk_rows - 1) / plan.chunk_rows;
-      const scalar_t* sums = colsum_buf.const_data_ptr<scalar_t>() + (t % n_sets) * max_chunks * K + j0;
+      const scalar_t* sums = colsum_buf + (t % n_sets) * max_chunks * K + j0;
       double* acc = bias_acc.data() + j0;
       for (int64_t c = 0; c < n_chunks; ++c) {
         for (int64_t j = 0; j < nj; ++j) acc[j] += static_cast<double>(sums[c * K + j]);
@@ -509,6 +535,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_loss_fwd_cpu(
   const at::Tensor weight = denoise_weight.detach().to(cdt).contiguous();
   const at::Tensor bias =
       denoise_bias.has_value() ? denoise_bias->detach().to(cdt).contiguous() : at::zeros({K}, opts);
+  // The ATen calls inside (views of the buffers, the GEMMs) go straight to the CPU kernels:
+  // this op has no autograd, and autograd's view and version tracking took a fifth of its
+  // host time at 197 x 8 (33 us per call against 27 us without). The outputs were made above, as usual.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   AT_DISPATCH_FLOATING_TYPES(cdt, "denoise_loss_fwd_cpu", [&] {
     denoise_loss_cpu_impl<scalar_t>(x, weight, bias, a, s, noise, seed_value, compute_grad, loss, grad_weight,
                                     grad_bias);
@@ -527,7 +557,7 @@ at::Tensor denoise_noise_cpu(const at::Tensor& like, const at::Tensor& seed, int
   at::Tensor out = at::empty({rows, cols}, seed.options().dtype(at::kFloat));
   const uint64_t s = static_cast<uint64_t>(seed.item<int64_t>());
   float* p = out.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r) noise_row(s, static_cast<uint64_t>(row0 + r), cols, p + r * cols);
+  noise_rows(s, static_cast<uint64_t>(row0), rows, cols, p);
   return out;
 }
 

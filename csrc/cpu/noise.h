@@ -1,4 +1,4 @@
-// The noise matrix eps of docs/method.md N1 on the CPU, one row at a time: row m is the
+// The noise matrix eps of docs/method.md N1 on the CPU, by rows or spans of rows: row m is the
 // Q = ceil(K / 4) counters m Q .. m Q + Q - 1, four normals each,
 // (r0 cos 2 pi u1, r0 sin 2 pi u1, r2 cos 2 pi u3, r2 sin 2 pi u3), from Philox4x32-10.
 // Every path computes csrc/philox.h's integer stream bit for bit; the vector paths take log,
@@ -12,15 +12,26 @@
 
 namespace drep {
 
-// Row m of eps, K float32 elements, on the path cpu_path() picks: fixed per process, so
-// every row of every call takes the same one.
-void noise_row(uint64_t seed, uint64_t m, int64_t K, float* out);
+// n float32 normals of the stream from counter `first` on (the four of each counter in
+// order; the last counter's surplus dropped), on the path cpu_path() picks: fixed per
+// process, so every call takes the same one.
+void noise_span(uint64_t seed, uint64_t first, int64_t n, float* out);
+
+// Row m of eps, K elements.
+inline void noise_row(uint64_t seed, uint64_t m, int64_t K, float* out) {
+  noise_span(seed, m * static_cast<uint64_t>((K + 3) / 4), K, out);
+}
+
+// Rows m0 .. m0 + rows - 1 of eps, back to back (K apart). When 4 divides K, consecutive rows
+// are consecutive counters, so they are one span: short rows then share vector blocks (at
+// K = 8 a row alone fills 2 of the AVX-512 path's 16 counters a block).
+void noise_rows(uint64_t seed, uint64_t m0, int64_t rows, int64_t K, float* out);
 
 // The paths themselves; the vector ones only where the CPU has their instructions.
-void noise_row_scalar(uint64_t seed, uint64_t m, int64_t K, float* out);
+void noise_span_scalar(uint64_t seed, uint64_t first, int64_t n, float* out);
 #ifdef DREP_HAVE_X86_PATHS
-void noise_row_avx2(uint64_t seed, uint64_t m, int64_t K, float* out);
-void noise_row_avx512(uint64_t seed, uint64_t m, int64_t K, float* out);
+void noise_span_avx2(uint64_t seed, uint64_t first, int64_t n, float* out);
+void noise_span_avx512(uint64_t seed, uint64_t first, int64_t n, float* out);
 #endif
 
 // Philox4x32-10's ten round keys for `seed`: (seed_lo, seed_hi) plus r times the Weyl

@@ -125,14 +125,13 @@ DREP_AVX2 inline __m256d as_pd(__m256 v) { return _mm256_castps_pd(v); }
 
 }  // namespace
 
-DREP_AVX2 void noise_row_avx2(uint64_t seed, uint64_t m, int64_t K, float* out) {
+DREP_AVX2 void noise_span_avx2(uint64_t seed, uint64_t first, int64_t n, float* out) {
   const PhiloxKeys keys = philox_keys(seed);
   // Counters c .. c + 7 go to the slots so that, packed, lanes 0-3 hold c, c+2, c+4, c+6 and
   // lanes 4-7 hold c+1, c+3, c+5, c+7: then the in-lane transpose below leaves counter
   // c + 2 i in the low and c + 2 i + 1 in the high half of output vector i, in order.
   const __m256i offs[2] = {_mm256_setr_epi64x(0, 2, 1, 3), _mm256_setr_epi64x(4, 6, 5, 7)};
-  const uint64_t first = m * static_cast<uint64_t>((K + 3) / 4);
-  for (int64_t k = 0; k < K; k += 32) {
+  for (int64_t k = 0; k < n; k += 32) {
     const __m256i base = _mm256_set1_epi64x(static_cast<long long>(first + static_cast<uint64_t>(k / 4)));
     const __m256i ctr[2] = {_mm256_add_epi64(base, offs[0]), _mm256_add_epi64(base, offs[1])};
     __m256i w[8];
@@ -156,7 +155,7 @@ DREP_AVX2 void noise_row_avx2(uint64_t seed, uint64_t m, int64_t K, float* out) 
     _mm256_store_ps(eps + 8, as_ps(_mm256_unpackhi_pd(as_pd(lo01), as_pd(lo23))));
     _mm256_store_ps(eps + 16, as_ps(_mm256_unpacklo_pd(as_pd(hi01), as_pd(hi23))));
     _mm256_store_ps(eps + 24, as_ps(_mm256_unpackhi_pd(as_pd(hi01), as_pd(hi23))));
-    std::memcpy(out + k, eps, static_cast<size_t>(std::min<int64_t>(32, K - k)) * sizeof(float));
+    std::memcpy(out + k, eps, static_cast<size_t>(std::min<int64_t>(32, n - k)) * sizeof(float));
   }
 }
 #undef DREP_AVX2

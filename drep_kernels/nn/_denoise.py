@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import precision
-from ..backends import select
+from ..backends import kernels, select
 from ..ops.denoise_loss import denoise_loss_op, flat_noise_and_seed
 from ..schedule import Coefficients, Schedule
 
@@ -31,7 +31,9 @@ def _autocast_available(device_type: str) -> bool:  # cannot trace the builtin i
 def autocast_off(device: torch.device):
     """A context without autocast on ``device``: the ops then compute in the dtypes they specify
     (docs/method.md, "Precision"); under autocast the torch backend's matmuls would be recast."""
-    if _autocast_available(device.type):
+    # Only when autocast is on: entering torch.autocast costs a few microseconds per call, and
+    # a layer calls this twice per step.
+    if _autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 
@@ -239,8 +241,14 @@ class DenoiseLayerMixin:
             rows = rows.to(wd.dtype)
         noise, seed = flat_noise_and_seed(rows, None, None)
         co = self.coefficients
+        backend = select("denoise_loss", rows.device)
         with torch.no_grad(), autocast_off(rows.device):  # the gradients come out of the op itself
-            return denoise_loss_op(rows, wd, bd, co.a, co.s, noise, seed, select("denoise_loss", rows.device), True)
+            if torch.compiler.is_compiling():
+                return denoise_loss_op(rows, wd, bd, co.a, co.s, noise, seed, backend, True)
+            # Eager: the op's kernel, as the op would call it. The custom op adds only what this
+            # call does not use (autograd, under no_grad here; a fake kernel, for the traced
+            # branch above) and ~10 us of Python dispatch per call (host_step benchmark).
+            return kernels(backend).denoise_loss_fwd(rows, wd, bd, co.a, co.s, noise, seed, True)
 
     def autocast_rows(self, x: Tensor) -> Tensor:
         """x as a layer's matmul sees it under autocast: float32 cast to the autocast dtype
