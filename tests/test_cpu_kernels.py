@@ -217,7 +217,7 @@ def kernel_noise(seed: int, row0: int, rows: int, cols: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("seed", [0, 1234, 2**32 + 7, 2**62 + 3])
 @pytest.mark.parametrize("row0", [0, 2**32 // 10 - 1, 2**38 + 5])
-@pytest.mark.parametrize("cols", [1, 3, 37, 64])
+@pytest.mark.parametrize("cols", [1, 3, 8, 12, 37, 64])  # 8, 12: short rows in one span
 def test_noise_matches_rng(seed, row0, cols):
     # 64-bit counters (row0 * ceil(cols / 4) crosses 2^32 for the larger rows: the counter's
     # high word and its carry) and 64-bit seeds (the key's high word); 37 columns cover a
@@ -249,17 +249,18 @@ def recover_kernel_noise(M, K, seed):
 
 @pytest.fixture(scope="module")
 def recovered():
-    # K = M = 1100: 1.21M samples over 2 tiles of 550 rows, each 2 chunks of 275 rows.
-    eps, loss = recover_kernel_noise(1100, 1100, 2024)
+    # K = M = 1700: 2.89M samples over 2 tiles of 850 rows, each 2 chunks of 425 rows, each
+    # chunk's noise one span of counters (4 divides K).
+    eps, loss = recover_kernel_noise(1700, 1700, 2024)
     return eps, loss
 
 
 def test_in_kernel_noise_equals_rng_normal(recovered):
     eps, loss = recovered
-    K = 1100
-    # Rows at chunk and tile edges (chunks of 275, tiles of 550 rows here) and a spread of
-    # others: rng.normal in plain torch is slow, the whole 1100 x 1100 would take seconds.
-    rows = sorted({0, 1, 274, 275, 276, 549, 550, 551, 824, 825, 1099} | set(range(3, K, 53)))
+    K = 1700
+    # Rows at chunk and tile edges (chunks of 425, tiles of 850 rows here) and a spread of
+    # others: rng.normal in plain torch is slow, the whole 1700 x 1700 would take seconds.
+    rows = sorted({0, 1, 424, 425, 426, 849, 850, 851, 1274, 1275, 1699} | set(range(3, K, 79)))
     want = rng.normal_at(2024, torch.tensor(rows)[:, None], torch.arange(K), K)
     torch.testing.assert_close(eps[rows], want, rtol=1e-5, atol=1e-5)
     # The loss of D = -eps is mean |eps| + mean eps^2 over all elements.
@@ -290,9 +291,9 @@ def test_noise_has_no_correlation_between_neighbours_and_tiles(recovered):
     bound = 5 / math.sqrt(eps[:, 1:].numel())
     assert abs(corr(eps[:, :-1], eps[:, 1:])) < bound  # neighbours in a row
     assert abs(corr(eps[:-1], eps[1:])) < bound  # neighbours in a column
-    # Rows of different tiles (550 rows here) and of different chunks (275 rows).
-    assert abs(corr(eps[:550], eps[550:])) < 5 / math.sqrt(550 * 1100)
-    assert abs(corr(eps[:275], eps[275:550])) < 5 / math.sqrt(275 * 1100)
+    # Rows of different tiles (850 rows here) and of different chunks (425 rows).
+    assert abs(corr(eps[:850], eps[850:])) < 5 / math.sqrt(850 * 1700)
+    assert abs(corr(eps[:425], eps[425:850])) < 5 / math.sqrt(425 * 1700)
     # The squares too (a shared uniform would correlate magnitudes).
     assert abs(corr(eps[:, :-1] ** 2, eps[:, 1:] ** 2)) < bound
 
@@ -529,7 +530,7 @@ torch.set_num_threads(1); one = g.t() @ x
 torch.set_num_threads(2); two = g.t() @ x
 print("plain GEMM thread-count invariant:", torch.equal(one, two))
 for seeded in (True, False):
-    for M, K in ((3500, 300), (1100, 1100)):
+    for M, K in t.MULTI_TILE:
         t.test_bitwise_same_for_1_and_2_threads(M, K, seeded)
 for dtype in (torch.float32, torch.float64):  # and right, on this BLAS path, over 2 tiles
     x, w, b, eps = t.make_inputs(3500, 300, dtype)

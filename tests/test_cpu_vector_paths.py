@@ -28,9 +28,11 @@ from conftest import cpu_flags  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 PATHS = ("avx512", "avx2", "baseline")
 PATH_ENV = {"avx512": {}, "avx2": {"DREP_CPU_NO_AVX512": "1"}, "baseline": {"DREP_CPU_NO_AVX2": "1"}}
-# Columns: 1, 3 (a cut first counter), 37 (an 8-lane block and a tail), 64 (one 64-element
-# block), 65, 129, 200 (blocks of 128 and 64 elements with tails) and 1100 (many blocks).
-COLS = (1, 3, 37, 64, 65, 129, 200, 1100)
+# Columns: 1, 3 (a cut first counter), 8 and 12 (short rows: the hook's 2 rows share one
+# block), 37 (an 8-lane block and a tail), 64 (one 64-element block), 65, 129, 200 (blocks of
+# 128 and 64 elements with tails; at 200 the second row starts inside a block) and 1100 (many
+# blocks). Where 4 divides the columns, the rows are drawn as one span of counters (noise.h).
+COLS = (1, 3, 8, 12, 37, 64, 65, 129, 200, 1100)
 
 PATH_SCRIPT = r"""
 import sys, torch
@@ -67,7 +69,10 @@ t.test_bitwise_same_for_1_and_2_threads(*t.MULTI_TILE[0], True)
 noise = {cols: t.kernel_noise(2**33 + 5, 2**32 // 10 - 1, 9, cols) for cols in cols_list}
 x, w, b, _ = t.make_inputs(*t.MULTI_TILE[0], torch.float32, seed=4)
 seeded = t.fwd(x, w, b, t.A, t.S, None, torch.tensor(2**33 + 12345), True)
-torch.save({"noise": noise, "seeded": seeded}, out_file)
+# and over 4 chunks of short rows drawn as spans (4 divides K)
+x, w, b, _ = t.make_inputs(3000, 12, torch.float32, seed=6)
+seeded_spans = t.fwd(x, w, b, t.A, t.S, None, torch.tensor(2**33 + 12345), True)
+torch.save({"noise": noise, "seeded": seeded, "seeded_spans": seeded_spans}, out_file)
 print("path ok")
 """
 
@@ -127,5 +132,6 @@ def test_avx512_path_is_avx2_path_bit_for_bit(run_path):
     wide, narrow = results["avx512"], results["avx2"]
     for cols in COLS:
         assert torch.equal(wide["noise"][cols], narrow["noise"][cols]), f"noise rows of {cols} columns differ"
-    for name, a, b in zip(("loss", "grad_weight", "grad_bias"), wide["seeded"], narrow["seeded"]):
-        assert torch.equal(a, b), f"seeded {name} differs between the AVX-512 and AVX2 paths"
+    for run in ("seeded", "seeded_spans"):
+        for name, a, b in zip(("loss", "grad_weight", "grad_bias"), wide[run], narrow[run]):
+            assert torch.equal(a, b), f"{run} {name} differs between the AVX-512 and AVX2 paths"

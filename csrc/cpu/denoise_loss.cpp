@@ -18,9 +18,10 @@
 // - noise, drawn once (noise.h): 1/4 Philox4x32-10 call (one counter gives four normals), so 5
 //   32 x 32 -> 64-bit multiplies; 1/2 log, 1/2 sqrt and 1/2 sin-and-cos (Box-Muller pairs);
 // - passes over the chunk's rows: x gathered into the tile buffer; eps written once into the
-//   thread's chunk buffer (L2-sized), then read twice, by the noising (x_noisy = a x + s eps,
-//   in place) and by the epilogue (D = p + b_d - eps: no second draw); the epilogue reads p
-//   and writes G over it; then the two GEMMs read x_noisy, and G with x_noisy.
+//   thread's chunk buffer (drawn a few rows at a time, so that the noising reads it from L1/L2
+//   right after), then read twice, by the noising (x_noisy = a x + s eps, in place) and by the
+//   epilogue (D = p + b_d - eps: no second draw); the epilogue reads p and writes G over it;
+//   then the two GEMMs read x_noisy, and G with x_noisy.
 // Measured alone (AMD Zen 4 with AVX-512, 1 thread, K = 384, ns per element): noise 9.1 on
 // the baseline path, 1.50 on AVX2, 0.90 on AVX-512; gather 0.08, noising 0.08, epilogue
 // 0.20. So the noise is the elementwise cost that matters, and only it has an AVX-512 path.
@@ -84,9 +85,10 @@ Plan make_plan(int64_t M, int64_t K) {
   // chunks against one call): 394-row chunks 1.02x at K = 768 and 1.08x at K = 1536, 788-row
   // chunks 1.00x and 1.035x; 197-row chunks 1.06x at K = 384.
   const int64_t chunk_target = 800;
-  // Tiles of about 2^20 elements (4 MiB in float32), at least 2 chunks: a long reduction for
-  // the gradient GEMM, and several chunks per tile to share among threads. (Gradient GEMM in
-  // 788-row tiles against one 1576-row call: 1.08x at K = 768, 1.03x at K = 1536.)
+  // Tiles of at most about 2^20 elements (4 MiB in float32) up to K = 655, of 2 chunks (1600
+  // rows) above it: a long reduction for the gradient GEMM, and several chunks per tile to
+  // share among threads. (Gradient GEMM in 788-row tiles against one 1576-row call: 1.08x at
+  // K = 768, 1.03x at K = 1536.)
   const int64_t chunks_target = (int64_t{1} << 20) / (chunk_target * std::max<int64_t>(K, 1));
   const int64_t tile_target = chunk_target * std::clamp<int64_t>(chunks_target, 2, 16);
   // M is cut into tiles of equal size, and a tile into an even number of equal chunks: the
@@ -350,9 +352,10 @@ void denoise_loss_cpu_impl(const at::Tensor& x, const at::Tensor& weight, const 
   // Temporary memory, bounded whatever M: two sets (double buffering, see below) of two
   // tile buffers, x_noisy and p/G, plus one eps buffer of a chunk per thread:
   // (4 tile_rows + threads chunk_rows) K compute-dtype elements, at most
-  // 4 max(2^20, 1600 K) + threads 800 K (make_plan): in float32 16 MiB + 3.1 MiB per thread
-  // per 1024 of K up to K = 655, then 25 MiB + 3.1 MiB per thread per 1024 of K (K = 3072:
-  // 75 MiB + 9.4 MiB per thread); plus O(K) and O(K tile_rows / chunk_rows) scalars.
+  // 4 max(2^20, 1600 K) + threads 800 K (make_plan). In float32: up to K = 655 at most
+  // 16 MiB + 2 MiB per thread; above it (25 MiB + 3.1 MiB per thread) per 1024 of K
+  // (K = 3072: 75 MiB + 9.4 MiB per thread); twice that in float64; plus O(K) and
+  // O(K tile_rows / chunk_rows) scalars, and workspace.h's rounding up to 2 MiB.
   // All of it is carved from the calling thread's workspace (workspace.h), which is kept
   // between calls: fresh pages cost a fault each, 5 to 10% of a call.
   const int64_t tile_rows = std::min(M, plan.tile_rows);
@@ -400,12 +403,17 @@ void denoise_loss_cpu_impl(const at::Tensor& x, const at::Tensor& weight, const 
     scalar_t* pg = pg_tile.data_ptr<scalar_t>() + r0 * K;
     TORCH_INTERNAL_ASSERT(thread < n_threads);
     scalar_t* eps = eps_buf + thread * eps_stride;
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      // The chunk's rows at once: one span of counters when 4 divides K (noise.h).
-      if (load_noise == nullptr) noise_rows(seed, static_cast<uint64_t>(t0 + r0), nr, K, eps);
-    }
+    // float32 noise is drawn a group of rows at a time (about 32 KiB: it is still in cache for
+    // the noising), one span of counters when 4 divides K (noise.h), so short rows share vector
+    // blocks.
+    const int64_t noise_group = std::max<int64_t>(1, 8192 / K);
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t m = t0 + r0 + r;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (load_noise == nullptr && r % noise_group == 0) {
+          noise_rows(seed, static_cast<uint64_t>(m), std::min(noise_group, nr - r), K, eps + r * K);
+        }
+      }
       scalar_t* xr = xn + r * K;
       scalar_t* er = eps + r * K;
       load_x(x_base + m * x_row, x_col, K, xr);
