@@ -357,7 +357,7 @@ void denoise_loss_cpu_impl(const at::Tensor& x, const at::Tensor& weight, const 
   // (K = 3072: 75 MiB + 9.4 MiB per thread); twice that in float64; plus O(K) and
   // O(K tile_rows / chunk_rows) scalars, and workspace.h's rounding up to 2 MiB.
   // All of it is carved from the calling thread's workspace (workspace.h), which is kept
-  // between calls: fresh pages cost a fault each, 5 to 10% of a call.
+  // between calls: fresh pages cost a page fault each (measured in workspace.h).
   const int64_t tile_rows = std::min(M, plan.tile_rows);
   const int64_t n_sets = compute_grad ? 2 : 1;
   const int64_t n_threads = at::get_num_threads();

@@ -4,7 +4,8 @@
 // after every call, glibc hands memory of that size back to the kernel (munmap, or a trim of
 // the heap top), and the next call takes a page fault, with a page cleared, per 4 KiB it
 // touches: measured at M = 1576, 1 thread, 600 to 1150 faults per call at K = 384 and 4700 at
-// K = 1536, 5 to 10% of the call (issue #14). Kept, the second call of a shape faults nothing.
+// K = 1536 (how many depends on the heap's state). Kept, the second call of a shape faults
+// nothing.
 //
 // Lifetime: one buffer per calling thread, grown to the largest size asked of it (never
 // shrunk) and freed when that thread exits or release_cpu_workspace() is called on it. The
