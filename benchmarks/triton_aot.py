@@ -112,11 +112,12 @@ def _entries(torch, dtype) -> list[tuple[str, str, Callable[[], object], list[Op
         return call
 
     return [
-        (loss, "denoise_loss_fwd", loss_call(None, False), ["loss x_noisy", "loss L1"]),
-        (loss, "denoise_loss_fwd(grad)", loss_call(None, True), [None, "loss L1+L2", "loss dW_d"]),
+        (loss, "denoise_loss_fwd", loss_call(None, False), ["loss x_noisy", "loss L1", "loss finalize"]),
+        (loss, "denoise_loss_fwd(grad)", loss_call(None, True), [None, "loss L1+L2", "loss dW_d", "loss finalize dL/db_d"]),
         (loss, "denoise_loss_fwd(grad, noise)", loss_call(noise, True),
-         ["loss x_noisy noise given", "loss L1+L2 noise given", None]),
-        (loss, "denoise_loss_fwd(grad, 2 chunks)", loss_call(None, True, _CHUNK_ROWS), [None] * 5 + ["loss dW_d accumulate"]),
+         ["loss x_noisy noise given", "loss L1+L2 noise given", None, None]),
+        (loss, "denoise_loss_fwd(grad, 2 chunks)", loss_call(None, True, _CHUNK_ROWS),
+         [None] * 5 + ["loss dW_d accumulate", None]),
         (merge, "merge_weights_fwd", lambda: merge_weights.merge_weights_fwd(w, b, wd, bd, 0.05, 0.99), ["merge M1+M2"]),
         (merge, "merge_weights_bwd", lambda: merge_weights.merge_weights_bwd(gw, gb, w, wd, bd, 0.05, 0.99, True, True),
          ["merge M3", "merge M4+M5"]),

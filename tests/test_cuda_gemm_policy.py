@@ -81,8 +81,12 @@ def calls(host) -> list[dict[str, str]]:
     return [dict(field.split("=", 1) for field in line.split()) for line in host._gemm_calls()]
 
 
-def check_types(recorded, dtype, tf32_on):
+def check_types(recorded, dtype, tf32_on, result_in_operand_dtype=False):
+    """Each call's types are the policy's; with ``result_in_operand_dtype`` its result is in the
+    operands' dtype instead (the merge's W', rounded once from the compute precision)."""
     ab, c, compute = POLICY[(dtype, tf32_on)]
+    if result_in_operand_dtype:
+        c = ab
     for call in recorded:
         assert (call["A"], call["B"], call["C"], call["compute"]) == (ab, ab, c, compute), call
 
@@ -124,9 +128,10 @@ def test_loss_without_gradients_runs_gemm_1_only(host):
 
 @pytest.mark.parametrize("dtype,way", CASES, ids=CASE_IDS)
 def test_merge_gemms(host, dtype, way):
-    # Forward: W W_d (K x out x K in cuBLAS's terms) and the GEMV W b_d (1 x out x K): no K + 1
-    # column anywhere. Backward: G_W W_d^T (M3), then -c1 W^T G_W (M4) and -c1 W^T g_b (M5) with
-    # alpha = -c1.
+    # Forward: one GEMM, W' = c3 W' - c1 W W_d (K x out x K in cuBLAS's terms) on the copy of W
+    # (beta = c3), its result in W's dtype; b' is formed in the copy's pass (no GEMV, no K + 1
+    # column anywhere). Backward: G_W W_d^T (M3), then -c1 W^T G_W (M4) and -c1 W^T g_b (M5)
+    # with alpha = -c1, float32 results.
     out, k = 11, 7
     g = torch.Generator().manual_seed(2)
     shapes = [(out, k), (out,), (k, k), (k,), (out, k), (out,)]
@@ -137,10 +142,12 @@ def test_merge_gemms(host, dtype, way):
         forward = calls(host)
         host.merge_weights_bwd(gw, gb, w, wd, bd, C1, C3, True, True)
         backward = calls(host)
-    check_types(forward + backward, dtype, way != "off")
-    assert [dims(c) for c in forward] == [(k, out, k), (1, out, k)]
+    check_types(forward, dtype, way != "off", result_in_operand_dtype=True)
+    check_types(backward, dtype, way != "off")
+    assert [dims(c) for c in forward] == [(k, out, k)]
+    assert [float(forward[0]["alpha"]), float(forward[0]["beta"])] == pytest.approx([-C1, C3])
     assert [dims(c) for c in backward] == [(k, out, k), (k, k, out), (1, k, out)]
-    assert all(float(c["beta"]) == 0 for c in forward + backward)
+    assert all(float(c["beta"]) == 0 for c in backward)
     assert [float(c["alpha"]) for c in backward] == pytest.approx([1.0, -C1, -C1])
 
 

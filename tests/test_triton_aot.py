@@ -168,7 +168,7 @@ VERIFIED_TRITON = ("3.6", "3.8")
 
 LAUNCHES = {
     "loss x_noisy", "loss x_noisy noise given", "loss L1", "loss L1+L2", "loss L1+L2 noise given", "loss dW_d",
-    "loss dW_d accumulate", "merge M1+M2", "merge M3", "merge M4+M5",
+    "loss dW_d accumulate", "loss finalize", "loss finalize dL/db_d", "merge M1+M2", "merge M3", "merge M4+M5",
 }
 # The kernels whose dots must be on tensor cores on the TF32, bf16 and fp16 paths.
 TENSOR_CORE_KERNELS = {"_loss_gemm_kernel", "_grad_gemm_kernel", "_merge_gemm_kernel"}

@@ -153,13 +153,15 @@ def test_a_block_without_launches_is_an_error():
 
 A, S, C1, C3 = tb.A, tb.S, tb.C1, tb.C3
 
-# The loss's launches per row chunk (drep_kernels/triton/denoise_loss.py).
+# The loss's launches per row chunk, and after the chunks (drep_kernels/triton/denoise_loss.py).
 NOISY, LOSS, GRAD = "_noisy_input_kernel", "_loss_gemm_kernel", "_grad_gemm_kernel"
+FINALIZE = "_finalize_kernel"
 
 
-def _launched(launches, names, chunks=1):
-    """The launches were the kernels ``names`` per chunk, ``chunks`` times, each storing something."""
-    assert [l.kernel for l in launches] == list(names) * chunks
+def _launched(launches, names, chunks=1, tail=()):
+    """The launches were the kernels ``names`` per chunk, ``chunks`` times, then ``tail``, each
+    storing something."""
+    assert [l.kernel for l in launches] == list(names) * chunks + list(tail)
     assert all(l.stored_bytes > 0 for l in launches)
 
 
@@ -176,7 +178,7 @@ def test_loss_paths_race_free(bias, noise, grad, dtype):
     x, w, b, eps = tb._denoise_inputs(40, 33, dtype, bias)
     with record_stores() as launches:
         kernels("triton").denoise_loss_fwd(x, w, b, A, S, eps if noise == "given" else None, torch.tensor(5), grad)
-    _launched(launches, _loss_launches(grad))
+    _launched(launches, _loss_launches(grad), tail=[FINALIZE])
 
 
 # K a multiple of every block the interpreter runs (32 for the GEMMs, the x_noisy kernel's 128;
@@ -187,7 +189,7 @@ def test_loss_block_multiples_race_free(M, K):
     x, w, b, _ = tb._denoise_inputs(M, K, F32)
     with record_stores() as launches:
         kernels("triton").denoise_loss_fwd(x, w, b, A, S, None, torch.tensor(5), True)
-    _launched(launches, _loss_launches(True))
+    _launched(launches, _loss_launches(True), tail=[FINALIZE])
 
 
 @pytest.mark.parametrize("M,K,chunks", [(300, 32, 3), (160, 128, 2)])
@@ -200,7 +202,7 @@ def test_loss_chunks_race_free(monkeypatch, M, K, chunks):
     x, w, b, _ = tb._denoise_inputs(M, K, F32)
     with record_stores() as launches:
         kernels("triton").denoise_loss_fwd(x, w, b, A, S, None, torch.tensor(5), True)
-    _launched(launches, _loss_launches(True), chunks)
+    _launched(launches, _loss_launches(True), chunks, tail=[FINALIZE])
 
 
 @pytest.mark.parametrize(
@@ -216,7 +218,7 @@ def test_loss_other_block_shapes_race_free(loss_blocks, grad_blocks):
     with record_stores() as launches:
         tdl._denoise_loss(x, w, b, A, S, None, torch.tensor(5), True, tdl._loss_gemm_kernel, tdl._grad_gemm_kernel,
                           (loss_meta, grad_meta))
-    _launched(launches, _loss_launches(True))
+    _launched(launches, _loss_launches(True), tail=[FINALIZE])
 
 
 MERGE_SHAPES = [(65, 64), (33, 33)]  # K a multiple of BLOCK_N (a block of only the bias column); odd

@@ -22,20 +22,26 @@ def _seed_draw() -> list[Kernel]:
     return [stream("seed draw (torch.randint)", 8)]
 
 
-def _autograd_tail(K: int, dt: Dtype) -> list[Kernel]:
+def _autograd_tail(K: int, dt: Dtype, fused_cast: bool = True) -> list[Kernel]:
     """loss.backward(): the root gradient (ones_like); _backward scales the saved gradients by
-    grad_loss (mul) and casts them to the weight dtype (a no-op for float32 weights). (The op
-    does not materialize gradients for its non-differentiable outputs: no K x K zeros.)"""
-    cast = dt.size != ACC
-    ks = [
+    grad_loss and stores them in the weight dtype: one mul each, written in that dtype
+    (``fused_cast``), or (the designs before #12) a mul, then a cast for half-precision weights.
+    (The op does not materialize gradients for its non-differentiable outputs: no K x K zeros.)"""
+    half = dt.size != ACC
+    if fused_cast or not half:
+        out = dt.size if half else ACC
+        return [
+            stream("ones_like (root gradient)", 4),
+            stream("grad_loss * dL/dW_d, in the weight dtype", K * K * (ACC + out)),
+            stream("grad_loss * dL/db_d, in the weight dtype", K * (ACC + out)),
+        ]
+    return [
         stream("ones_like (root gradient)", 4),
         stream("grad_loss * dL/dW_d", 2 * K * K * ACC),
         stream("grad_loss * dL/db_d", 2 * K * ACC),
+        stream("dL/dW_d to the weight dtype", K * K * (ACC + dt.size)),
+        stream("dL/db_d to the weight dtype", K * (ACC + dt.size)),
     ]
-    if cast:
-        ks += [stream("dL/dW_d to the weight dtype", K * K * (ACC + dt.size)),
-               stream("dL/db_d to the weight dtype", K * (ACC + dt.size))]
-    return ks
 
 
 # --- floors ------------------------------------------------------------------------------------
@@ -143,7 +149,7 @@ def triton(M: int, K: int, dt: Dtype, gpu: Gpu, chunk_elems: int = TRITON_CHUNK_
     nm, nk = TRITON_NOISY_TILE
     bm, bn, bk = TRITON_LOSS_TILE
     gn, gk, gr = TRITON_GRAD_TILE
-    ks = _seed_draw() + [stream("zeros: loss partials", loss_part), stream("zeros: dL/db_d partials", db_part)]
+    ks = _seed_draw() + [stream("zeros: loss and dL/db_d partials (one buffer)", loss_part + db_part)]
     for c, R in enumerate(parts):
         # _noisy_input_kernel: x read (s), x_noisy written (s); one Philox call per four
         # elements of every (BLOCK_M x BLOCK_K) tile, masked lanes included.
@@ -162,19 +168,15 @@ def triton(M: int, K: int, dt: Dtype, gpu: Gpu, chunk_elems: int = TRITON_CHUNK_
         ))
         # _grad_gemm_kernel: dW_d tile (BLOCK_N x BLOCK_K) per program, depth R: G' is loaded by
         # the ceil(K / BLOCK_K) programs of its column block, x_noisy by the ceil(K / BLOCK_N) of
-        # its; dW_d written (float32), and read first from the second chunk on (beta = 1).
+        # its; alpha dW_d written (float32), and read first from the second chunk on (beta = 1).
         ks.append(triton_gemm(
             f"chunk {c}: _grad_gemm_kernel (GEMM 2)", K, K, R, (gn, gk, gr), dt, gpu,
             operand_l2=R * K * s * (math.ceil(K / gk) + math.ceil(K / gn)),
             unique=2 * R * K * s,
             writes=K * K * ACC * (2 if c > 0 else 1),
         ))
-    ks += [
-        # loss_part.to(float64).sum().div(n).to(float32)
-        stream("loss partials: to float64, sum, / n, cast", loss_part * 3, launches=4),
-        stream("dL/dW_d *= 1 / (n scale)", 2 * K * K * ACC),
-        stream("dL/db_d partials: sum, *= 1 / n", db_part + 2 * K * ACC, launches=2),
-    ]
+    # _finalize_kernel: every partial read once, the loss and dL/db_d written.
+    ks.append(stream("_finalize_kernel: loss, dL/db_d", loss_part + db_part + ACC + K * ACC))
     return ks + _autograd_tail(K, dt)
 
 
@@ -230,7 +232,7 @@ def triton_pre12(M: int, K: int, dt: Dtype, gpu: Gpu) -> list[Kernel]:
         ks += [stream("dW_d partials: sum over groups", groups * K * K * ACC + K * K * ACC),
                stream("db_d partials: sum over groups", groups * K * ACC + K * ACC)]
     ks += [stream("dL/dW_d *= 1 / n", 2 * K * K * ACC), stream("dL/db_d *= 1 / n", 2 * K * ACC)]
-    return ks + _autograd_tail(K, dt)
+    return ks + _autograd_tail(K, dt, fused_cast=False)
 
 
 # --- cuda (csrc/cuda/denoise_loss.cu): one description per revision ---------------------------
@@ -248,7 +250,9 @@ class CudaLoss:
     dw_accumulate: str  # "buffer+add": chunks after the first into a K x K buffer, then add_; "beta1": in place
     dw_scale_pass: bool  # dL/dW_d divided by n in its own pass (else by GEMM 2's alpha)
     bias_cast: bool  # b_d cast to float32 by a kernel before the loop (half-precision inputs)
-    tail_launches: int = 4  # after the loop: loss / n and its cast, dL/db_d / n and its cast
+    sum_fills: int  # fills of the float64 sums before the loop (0: the first finalize starts them)
+    tail_launches: int  # after the loop: loss / n and its cast, dL/db_d / n and its cast (0: the last finalize)
+    fused_cast: bool  # autograd: grad_loss * gradient written in the weight dtype (_autograd_tail)
     chunk_elems: int = 1 << 23
     min_chunk_rows: int = 128
 
@@ -256,12 +260,12 @@ class CudaLoss:
 CUDA_PRE12 = CudaLoss(
     "cuda (before #12)", "csrc/cuda/denoise_loss.cu at 211e91c",
     epilogue_philox_per_element=1.0, epilogue_tile=(64, 32), dw_accumulate="buffer+add", dw_scale_pass=True,
-    bias_cast=True,
+    bias_cast=True, sum_fills=2, tail_launches=4, fused_cast=False,
 )
 CUDA_TC = CudaLoss(
     "cuda", "csrc/cuda/denoise_loss.cu",
     epilogue_philox_per_element=0.25, epilogue_tile=(64, 128), dw_accumulate="beta1", dw_scale_pass=False,
-    bias_cast=False,
+    bias_cast=False, sum_fills=0, tail_launches=0, fused_cast=True,
 )
 
 
@@ -274,7 +278,9 @@ def cuda(design: CudaLoss, M: int, K: int, dt: Dtype, gpu: Gpu) -> list[Kernel]:
     s = dt.size
     half = dt.size != ACC
     tr, tc = design.epilogue_tile
-    ks = _seed_draw() + [stream("zeros: float64 loss and dL/db_d sums", 8 + K * 8, launches=2)]
+    ks = _seed_draw()
+    if design.sum_fills:
+        ks.append(stream("zeros: float64 loss and dL/db_d sums", 8 + K * 8, launches=design.sum_fills))
     if design.bias_cast and half:
         ks.append(stream("b_d to float32", K * (s + ACC)))
     for c, R in enumerate(chunks(M, cuda_chunk_rows(design, M, K))):
@@ -300,10 +306,11 @@ def cuda(design: CudaLoss, M: int, K: int, dt: Dtype, gpu: Gpu) -> list[Kernel]:
                               hbm=2 * R * K * s + K * K * ACC * (2 if in_place else 1)))
         if design.dw_accumulate == "buffer+add" and c > 0:
             ks.append(stream(f"chunk {c}: dL/dW_d += chunk buffer (add_)", 3 * K * K * ACC))
-    ks.append(stream("loss, dL/db_d: / n, cast", 3 * 8 + 2 * K * 8 + K * ACC, launches=design.tail_launches))
+    if design.tail_launches:
+        ks.append(stream("loss, dL/db_d: / n, cast", 3 * 8 + 2 * K * 8 + K * ACC, launches=design.tail_launches))
     if design.dw_scale_pass:
         ks.append(stream("dL/dW_d /= n scale (div_)", 2 * K * K * ACC))
-    return ks + _autograd_tail(K, dt)
+    return ks + _autograd_tail(K, dt, design.fused_cast)
 
 
 

@@ -70,7 +70,11 @@ class CudaMerge:
 
     label: str
     source: str
-    bias_column: bool  # [W_d | b_d] built by a copy (at::cat) and multiplied in one GEMM (ld K + 1)
+    # True: [W_d | b_d] built by a copy (at::cat) and multiplied in one GEMM (ld K + 1), float32
+    # result, then two scale_add passes. False: torch.addmm's two launches, merge_prep_kernel
+    # (W copied into W', b' = b - c1 W b_d in the same pass) and one GEMM with beta = c3 on the
+    # copy, result in W's dtype.
+    bias_column: bool
 
 
 CUDA_PRE12 = CudaMerge("cuda (before #12)", "csrc/cuda/merge_weights.cu at 211e91c", bias_column=True)
@@ -78,20 +82,20 @@ CUDA_TC = CudaMerge("cuda", "csrc/cuda/merge_weights.cu", bias_column=False)
 
 
 def cuda(design: CudaMerge, out: int, K: int, dt: Dtype, gpu: Gpu) -> list[Kernel]:
-    """GEMM(s) with a float32 product, then scale_add: W' = c3 W - c1 prod (cast to W's dtype),
-    and b' = b - c1 (W b_d) from the product's bias column (a strided read: a 32-byte sector per
-    element)."""
     s = dt.size
-    ks = []
-    if design.bias_column:
-        ks.append(stream("[W_d | b_d] (at::cat)", K * K * s + K * s + K * (K + 1) * s))
-        ks.append(cublas_gemm("W [W_d | b_d] (ld K + 1, float32 result)", out, K + 1, K, dt, gpu,
-                              hbm=out * K * s + K * (K + 1) * s + out * (K + 1) * ACC,
-                              misaligned=(K + 1) * s % 16 != 0))
-    else:
-        ks.append(cublas_gemm("W W_d (float32 result)", out, K, K, dt, gpu, hbm=out * K * s + K * K * s + out * K * ACC))
-    ks.append(stream("scale_add: W' = c3 W - c1 prod", out * K * (2 * s + ACC)))
     if not design.bias_column:
-        ks.append(cublas_gemm("W b_d (out x K x 1)", out, 1, K, dt, gpu, hbm=out * K * s + K * s + out * ACC))
-    ks.append(stream("scale_add: b' = b - c1 W b_d", out * (32 + 2 * s)))
-    return ks
+        return [
+            # W read, W' written; b_d read by every row block (L2), b read, b' written.
+            stream("merge_prep_kernel: W' = W, b' = b - c1 W b_d", 2 * out * K * s + K * s + 2 * out * s),
+            cublas_gemm("GEMM W' = c3 W' - c1 W W_d (beta = c3)", out, K, K, dt, gpu, hbm=3 * out * K * s + K * K * s),
+        ]
+    # GEMM with a float32 product, then scale_add: W' = c3 W - c1 prod (cast to W's dtype), and
+    # b' = b - c1 (W b_d) from the product's bias column (a strided read: a 32-byte sector per
+    # element).
+    return [
+        stream("[W_d | b_d] (at::cat)", K * K * s + K * s + K * (K + 1) * s),
+        cublas_gemm("W [W_d | b_d] (ld K + 1, float32 result)", out, K + 1, K, dt, gpu,
+                    hbm=out * K * s + K * (K + 1) * s + out * (K + 1) * ACC, misaligned=(K + 1) * s % 16 != 0),
+        stream("scale_add: W' = c3 W - c1 prod", out * K * (2 * s + ACC)),
+        stream("scale_add: b' = b - c1 W b_d", out * (32 + 2 * s)),
+    ]

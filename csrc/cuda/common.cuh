@@ -46,7 +46,8 @@ inline unsigned int blocks_for(int64_t n) {
 
 // --- GEMMs: the precision policy (docs/method.md, "Precision") in one place -----------------
 // Operands of one dtype go to cuBLAS as they are: bfloat16/float16 on tensor cores with float32
-// accumulation and a float32 result; float32 in full float32, or on TF32 tensor cores exactly
+// accumulation and a float32 result (or one in the operands' dtype, alpha A B + beta C rounded
+// once from float32: the merge's W', as torch.addmm makes it); float32 in full float32, or on TF32 tensor cores exactly
 // when torch's own float32 matmuls use them; float64 in float64. gemm_compute_type decides,
 // and gemm is its only caller: every GEMM of the loss and the merge follows it. The host build
 // (tests/cuda_host/cublas_host.h) runs this same code against a CPU cublasGemmEx that records
@@ -119,30 +120,33 @@ inline int blas_int(int64_t v, const char* what) {
   return static_cast<int>(v);
 }
 
-// c = alpha a b (accumulate = false: beta = 0, c is not read) or c += alpha a b (beta = 1), with
-// a (m x k) and b (k x n) of one dtype, in any strides, and c (m x n) row-major (unit column
-// stride) in the result dtype of the policy: float32 for bfloat16/float16/float32 operands,
-// float64 for float64. cuBLAS computes column-major, so this asks it for c^T = b^T a^T.
+// c = alpha a b + beta c (beta = 0: c is not read), with a (m x k) and b (k x n) of one dtype,
+// in any strides, and c (m x n) row-major (unit column stride) in the result dtype of the
+// policy, float32 for bfloat16/float16/float32 operands and float64 for float64, or in the
+// operands' dtype (the sum formed in the compute precision, rounded once on the store).
+// cuBLAS computes column-major, so this asks it for c^T = b^T a^T.
 inline void gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, double alpha = 1.0,
-                 bool accumulate = false) {
+                 double beta = 0.0) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2 && a.size(1) == b.size(0) && c.size(0) == a.size(0) &&
                   c.size(1) == b.size(1),
               "drep: GEMM shapes do not match: ", a.sizes(), " @ ", b.sizes(), " -> ", c.sizes());
   const auto operands = a.scalar_type();
   TORCH_CHECK(b.scalar_type() == operands, "drep: GEMM operands must have one dtype, got ", operands, " and ",
               b.scalar_type());
-  const auto result = compute_dtype(operands);
-  TORCH_CHECK(c.scalar_type() == result, "drep: the GEMM result of ", operands, " operands is ", result, ", got ",
-              c.scalar_type());
+  const auto result = c.scalar_type();
+  TORCH_CHECK(result == compute_dtype(operands) || result == operands, "drep: the GEMM result of ", operands,
+              " operands is ", compute_dtype(operands), " or ", operands, ", got ", result);
   const int64_t m = c.size(0), n = c.size(1), k = a.size(1);
   TORCH_CHECK((n <= 1 || c.stride(1) == 1) && (m <= 1 || c.stride(0) >= n),
               "drep: the GEMM result must be row-major, got strides ", c.strides());
   if (m == 0 || n == 0) {
     return;
   }
-  if (k == 0) {  // an empty sum
-    if (!accumulate) {
+  if (k == 0) {  // an empty sum: c = beta c
+    if (beta == 0.0) {
       c.zero_();
+    } else if (beta != 1.0) {
+      c.mul_(beta);
     }
     return;
   }
@@ -151,7 +155,6 @@ inline void gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, 
   const BlasOperand rhs = blas_operand(a);  // cuBLAS's B: a^T (k x m)
   const int64_t ldc = m <= 1 ? n : c.stride(0);
   // alpha and beta in the compute precision (cuBLAS's scale type), read on the host.
-  const double beta = accumulate ? 1.0 : 0.0;
   const float alpha_f = static_cast<float>(alpha), beta_f = static_cast<float>(beta);
   const bool f64 = compute == CUBLAS_COMPUTE_64F;
   const void* alpha_ptr = f64 ? static_cast<const void*>(&alpha) : static_cast<const void*>(&alpha_f);

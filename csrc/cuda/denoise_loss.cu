@@ -12,14 +12,14 @@
 //      D = p + b_d - eps, |D| + D^2 summed per block (fixed-order tree), G' = sign(D) + 2 D
 //      written over the chunk in the GEMM dtype, and its column sums per 64-row tile (L2).
 //   4. finalize_chunk_kernel: adds the chunk's block partials, in index order and in float64,
-//      to the running loss and dL/db_d sums.
+//      to the running loss and dL/db_d sums (the first chunk starts them, the last writes the
+//      results divided by M K in the result dtype: no fill before the loop, no launch after).
 //   5. GEMM 2 (cuBLAS, common.cuh gemm): dL/dW_d = alpha G'^T x_noisy accumulated in float32 in
 //      place: chunk 0 writes (beta = 0), later chunks add (beta = 1), alpha = 1 / (M K) (G = G' /
 //      (M K), L2) times the float16 scale below.
 // GEMM operands, results and compute types follow the policy of common.cuh (bf16/fp16 operands
 // on tensor cores with float32 accumulation; float32 in float32 or TF32 as torch's matmuls;
-// float64 in float64). Around the loop: two fills (the float64 sums), and at the end four small
-// launches (loss and dL/db_d divided by M K, cast to the result dtype).
+// float64 in float64). Nothing is launched before or after the loop.
 //
 // Counted, bfloat16 input, M = 12608 rows, per element of x (M K elements). Bytes are the least
 // HBM traffic of each launch (every operand read once; a GEMM's re-reads of its tiles from L2
@@ -34,7 +34,7 @@
 //
 //                                     K = 768             K = 3072
 //   rows per chunk R, chunks          10880, 2            2688, 5
-//   launches (5 per chunk + 6)        16                  31
+//   launches (5 per chunk)            10                  25
 //   W_d reads (2 K^2 B per chunk)     0.24 B/elem         2.44 B/elem
 //   C (4 K^2 B, then 8 K^2 per chunk) 0.73 B/elem         8.77 B/elem
 //   total HBM traffic                 21.1 B/elem         31.3 B/elem
@@ -294,18 +294,25 @@ __global__ void __launch_bounds__(kFinalThreads)
 
 // Adds one chunk's partials to the running sums, in float64 and in index order: every block
 // does its columns of col_part (tiles in order) into grad_bias_sum; block 0 also reduces
-// loss_part (strided per thread, then a fixed tree) into loss_sum[0].
+// loss_part (strided per thread, then a fixed tree) into loss_sum[0]. The first chunk starts
+// the sums (no fill launch before the loop); the last writes the results, loss_sum / n and
+// grad_bias_sum / n in acc_t (no division or cast launch after it). One chunk: both.
 template <typename acc_t>
 __global__ void __launch_bounds__(kFinalThreads)
     finalize_chunk_kernel(const acc_t* loss_part, int64_t n_loss, double* loss_sum, const acc_t* col_part,
-                          int64_t n_tiles, int64_t k, double* grad_bias_sum) {
+                          int64_t n_tiles, int64_t k, double* grad_bias_sum, bool first, bool last, double n,
+                          acc_t* loss_out, acc_t* grad_bias_out) {
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kFinalThreads + threadIdx.x;
   if (col_part != nullptr && col < k) {
-    double c = 0;
+    double c = first ? 0.0 : grad_bias_sum[col];
     for (int64_t tile = 0; tile < n_tiles; ++tile) {
       c += static_cast<double>(col_part[tile * k + col]);
     }
-    grad_bias_sum[col] += c;
+    if (last) {
+      grad_bias_out[col] = static_cast<acc_t>(c / n);
+    } else {
+      grad_bias_sum[col] = c;
+    }
   }
   if (blockIdx.x == 0) {  // uniform per block: the __syncthreads below are reached by all its threads
     __shared__ double s[kFinalThreads];
@@ -323,7 +330,12 @@ __global__ void __launch_bounds__(kFinalThreads)
       __syncthreads();
     }
     if (t == 0) {
-      loss_sum[0] += s[0];
+      const double total = (first ? 0.0 : loss_sum[0]) + s[0];
+      if (last) {
+        loss_out[0] = static_cast<acc_t>(total / n);  // L1: mean |D| + mean D^2
+      } else {
+        loss_sum[0] = total;
+      }
     }
   }
 }
@@ -375,9 +387,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_loss_chunks(
   }
   at::Tensor loss_part = at::empty({static_cast<int64_t>(grid_max.x) * grid_max.y}, opts);
   at::Tensor col_part = bias_grad ? at::empty({static_cast<int64_t>(grid_max.y), k}, opts) : at::Tensor();
-  at::Tensor loss_sum = at::zeros({1}, x.options().dtype(at::kDouble));
-  at::Tensor grad_bias_sum = bias_grad ? at::zeros({k}, x.options().dtype(at::kDouble)) : at::Tensor();
-  at::Tensor grad_weight = compute_grad ? at::empty({k, k}, opts) : at::Tensor();
+  // The running float64 sums (started by the first chunk's finalize: no fill) and the results.
+  at::Tensor loss_sum = at::empty({1}, x.options().dtype(at::kDouble));
+  at::Tensor grad_bias_sum = bias_grad ? at::empty({k}, x.options().dtype(at::kDouble)) : at::Tensor();
+  at::Tensor loss = at::empty({}, opts);
+  // Absent outputs are 0-element tensors, one per output (outputs must not alias each other).
+  at::Tensor grad_weight = compute_grad ? at::empty({k, k}, opts) : at::empty({0}, opts);
+  at::Tensor grad_bias = bias_grad ? at::empty({k}, opts) : at::empty({0}, opts);
   const double n = static_cast<double>(m) * static_cast<double>(k);
 
   for (int64_t row0 = 0; row0 < m; row0 += rows_max) {
@@ -404,22 +420,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_loss_chunks(
     DREP_LAUNCH(final_blocks, kFinalThreads, 0, stream, finalize_chunk_kernel<acc_t>)(
         loss_part.const_data_ptr<acc_t>(), static_cast<int64_t>(grid.x) * grid.y, loss_sum.mutable_data_ptr<double>(),
         bias_grad ? col_part.const_data_ptr<acc_t>() : nullptr, grid.y, k,
-        bias_grad ? grad_bias_sum.mutable_data_ptr<double>() : nullptr);
+        bias_grad ? grad_bias_sum.mutable_data_ptr<double>() : nullptr, row0 == 0, row0 + rows == m, n,
+        loss.mutable_data_ptr<acc_t>(), bias_grad ? grad_bias.mutable_data_ptr<acc_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     if (compute_grad) {
       // L2: dL/dW_d = G^T x_noisy with G = G' / n and G' stored times kGradScale: alpha undoes
       // both. Accumulated in place over the chunks, in chunk order.
-      cuda::gemm(grad_weight, g.narrow(0, 0, rows).t(), x_noisy_c, 1.0 / (n * kGradScale<scalar_t>), row0 > 0);
+      cuda::gemm(grad_weight, g.narrow(0, 0, rows).t(), x_noisy_c, 1.0 / (n * kGradScale<scalar_t>),
+                 row0 > 0 ? 1.0 : 0.0);
     }
   }
 
-  at::Tensor loss = loss_sum.div(n).to(cdt).reshape({});  // L1: mean |D| + mean D^2
-  // Absent outputs are 0-element tensors, one per output (outputs must not alias each other).
-  if (!compute_grad) {
-    return {loss, at::empty({0}, opts), at::empty({0}, opts)};
-  }
-  at::Tensor grad_bias = bias_grad ? grad_bias_sum.div(n).to(cdt) : at::empty({0}, opts);
   return {loss, grad_weight, grad_bias};
 }
 

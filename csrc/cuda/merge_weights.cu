@@ -1,16 +1,19 @@
 // CUDA kernels of drep::merge_weights_fwd / _bwd (docs/method.md, M1..M5).
 //
-// cuBLAS GEMMs (common.cuh gemm: parameter-dtype operands as they are, float32 result and
-// accumulation, float64 for float64; float32 on TF32 exactly when torch's matmuls are) and one
-// elementwise kernel:
-//   forward   W W_d (out x K) and W b_d (out x 1): two GEMMs, no [W_d | b_d] copy; then
-//             W' = c3 W - c1 (W W_d), b' = b - c1 (W b_d), cast to W's dtype on the way out (M1, M2);
+// cuBLAS GEMMs (common.cuh gemm: parameter-dtype operands as they are, float32 accumulation,
+// float64 for float64; float32 on TF32 exactly when torch's matmuls are) and a kernel per pass:
+//   forward   two launches, as torch.addmm(W, W, W_d, beta=c3, alpha=-c1) takes: merge_prep_kernel
+//             copies W into the result W' and forms b' = b - c1 (W b_d) in the same pass over W
+//             (M2); then one GEMM W' = c3 W' - c1 W W_d, beta = c3 on the copy, the sum formed
+//             in float32 and rounded once to W's dtype (M1). No [W_d | b_d] copy, no float32
+//             product in memory;
 //   backward  G_W W_d^T (out x K) by one GEMM, then dW = c3 G_W - c1 (G_W W_d^T + g_b b_d^T)
 //             elementwise, the rank-one term formed in that same pass (M3);
 //             dW_d = -c1 W^T G_W and db_d = -c1 W^T g_b by two GEMMs whose alpha = -c1 is the
 //             whole formula: no elementwise pass (M4, M5).
-// Passes over out x K: forward the GEMM (reads W, writes W W_d in float32) and one elementwise
-// pass (reads W and W W_d, writes W'); backward M3 likewise; M4, M5 read G_W and W once each in
+// Passes over out x K: forward the copy (reads W, writes W') and the GEMM (reads W and W',
+// writes W'), torch.addmm's own passes; backward M3: the GEMM (reads G_W, writes G_W W_d^T in
+// float32) and one elementwise pass; M4, M5 read G_W and W once each in
 // their GEMMs. Nothing is copied unless an operand has no unit stride (then cuBLAS gets a
 // contiguous copy) or a gradient arrives in another dtype (widened, below).
 #include <ATen/ATen.h>
@@ -91,6 +94,44 @@ void scale_add(const at::Tensor& x, double cx, const at::Tensor& r, double cr, c
   });
 }
 
+constexpr int kPrepThreads = 256;
+
+// M1's copy and M2 in one pass over W, a block per row: the row of W (any strides) is copied
+// into the contiguous W' (which the GEMM then scales by c3), and with merged_b != nullptr
+// b' = b - c1 (W b_d) for the row, its dot product summed in acc_t in a fixed order (each
+// thread strided over the row, then a tree over the block). b and b_d may be nullptr (0).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kPrepThreads)
+    merge_prep_kernel(const scalar_t* w, int64_t ws0, int64_t ws1, const scalar_t* b, int64_t bs,
+                      const scalar_t* bd, int64_t bds, acc_t c1, int64_t k, scalar_t* merged_w, scalar_t* merged_b) {
+  const int64_t row = blockIdx.x;
+  const int t = static_cast<int>(threadIdx.x);
+  acc_t dot = 0;
+  for (int64_t col = t; col < k; col += kPrepThreads) {
+    const scalar_t v = w[row * ws0 + col * ws1];
+    merged_w[row * k + col] = v;
+    if (bd != nullptr) {
+      dot += static_cast<acc_t>(v) * static_cast<acc_t>(bd[col * bds]);
+    }
+  }
+  if (merged_b == nullptr) {  // uniform per launch: the __syncthreads below are reached by all or none
+    return;
+  }
+  __shared__ acc_t s[kPrepThreads];
+  s[t] = dot;
+  __syncthreads();
+  for (int half = kPrepThreads / 2; half > 0; half /= 2) {
+    if (t < half) {
+      s[t] += s[t + half];
+    }
+    __syncthreads();
+  }
+  if (t == 0) {
+    const acc_t bias = b != nullptr ? static_cast<acc_t>(b[row * bs]) : acc_t(0);
+    merged_b[row] = static_cast<scalar_t>(bias - c1 * s[0]);
+  }
+}
+
 void check_devices(const at::Device& device, std::initializer_list<std::pair<const char*, const at::Tensor*>> named) {
   for (const auto& [name, t] : named) {
     if (t != nullptr && t->defined()) {
@@ -116,26 +157,28 @@ std::tuple<at::Tensor, at::Tensor> merge_weights_fwd_cuda(
                          {"denoise_weight", &denoise_weight},
                          {"denoise_bias", denoise_bias ? &*denoise_bias : nullptr}});
   const c10::cuda::CUDAGuard guard(device);
-  const auto opts = weight.options().dtype(compute_dtype(weight.scalar_type()));
   const int64_t out = weight.size(0), k = weight.size(1);
-
-  // M1: W' = c3 W - c1 W W_d, contiguous on every backend (as the fake kernels promise).
-  at::Tensor prod = at::empty({out, k}, opts);
-  cuda::gemm(prod, weight, denoise_weight);
+  // W' contiguous on every backend (as the fake kernels promise); b' (out,) when the layer or
+  // its denoiser has a bias, else a 0-element tensor.
   at::Tensor merged_weight = at::empty({out, k}, weight.options());
-  scale_add(weight, c3, prod, -c1, merged_weight);
-  if (!bias.has_value() && !denoise_bias.has_value()) {
-    return {merged_weight, weight.new_empty({0})};
+  const bool has_bias = bias.has_value() || denoise_bias.has_value();
+  at::Tensor merged_bias = weight.new_empty({has_bias ? out : 0});
+  if (out == 0) {
+    return {merged_weight, merged_bias};
   }
-  at::Tensor merged_bias = at::empty({out}, weight.options());
-  if (denoise_bias.has_value()) {
-    // M2: b' = b - c1 W b_d (b = 0 when the layer has none); W b_d as an out x K x 1 GEMM.
-    at::Tensor prod_b = at::empty({out, 1}, opts);
-    cuda::gemm(prod_b, weight, denoise_bias->unsqueeze(1));
-    scale_add(bias.has_value() ? bias->unsqueeze(1) : at::Tensor(), 1.0, prod_b, -c1, merged_bias.unsqueeze(1));
-  } else {
-    merged_bias.copy_(*bias);  // no b_d: b' = b
-  }
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "drep_merge_prep", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    DREP_LAUNCH(static_cast<unsigned int>(out), kPrepThreads, 0, stream, merge_prep_kernel<scalar_t, acc_t>)(
+        weight.const_data_ptr<scalar_t>(), weight.stride(0), weight.stride(1),
+        bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr, bias.has_value() ? bias->stride(0) : 0,
+        denoise_bias.has_value() ? denoise_bias->const_data_ptr<scalar_t>() : nullptr,
+        denoise_bias.has_value() ? denoise_bias->stride(0) : 0, static_cast<acc_t>(c1), k,
+        merged_weight.mutable_data_ptr<scalar_t>(), has_bias ? merged_bias.mutable_data_ptr<scalar_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  // M1: W' = c3 W' - c1 W W_d on the copy, rounded once to W's dtype.
+  cuda::gemm(merged_weight, weight, denoise_weight, -c1, c3);
   return {merged_weight, merged_bias};
 }
 

@@ -12,23 +12,27 @@ order. Per chunk, with GEMM dtype T (the input dtype, ``drep_kernels.precision``
    code as step 1, so bit-for-bit the same eps), D = p - eps, the program's sums of |D| and D^2,
    and with gradients G' = sign D + 2 D: its column sums (db_d) and G' itself, written in T over
    the chunk's G' buffer (float16: times 2^-14, saturating). p never reaches memory.
-3. ``_grad_gemm_kernel``: dL/dW_d += G'^T x_noisy, float32 accumulation on tensor cores, into
-   the K x K float32 result in place (chunk 0 writes it, later chunks add: beta = 1).
+3. ``_grad_gemm_kernel``: dL/dW_d += alpha G'^T x_noisy, float32 accumulation on tensor cores,
+   into the K x K float32 result in place (chunk 0 writes it, later chunks add: beta = 1);
+   alpha = 1 / (M K) over G's scale, so no pass over dL/dW_d follows.
+
+Around the loop: one fill (the partial-sum buffers, zeroed together) before it, and after it
+``_finalize_kernel``: the loss and dL/db_d from all partials, in float64, divided by M K.
 
 Per element of x (bf16): x read once (2 B) and the noise drawn once in step 1; x_noisy written
 (2 B) and read by both GEMMs; eps drawn once more in step 2's epilogue; G' written (2 B) and
 read once. Two Philox calls per four elements in all, 2 M K^2 FLOPs per GEMM, three launches
-per chunk plus the host's final sums. Nothing of size M x K outlives the call; the workspace is
-two R x K buffers in T (at most 32 MiB for bf16 / fp16, 64 MiB float32, 128 MiB float64), the
+per chunk plus two. Nothing of size M x K outlives the call; the workspace is two R x K buffers in T (at most 32 MiB for bf16 / fp16, 64 MiB float32, 128 MiB float64), the
 K x K result and per-program partial sums. benchmarks/costmodel.py counts the same per shape.
 
-Determinism: no atomics. Every program writes its own partial-sum cells, which the host sums in
-a fixed order (torch.sum over a fixed-shape buffer); each dW_d tile is owned by one program that
-walks the chunk's rows in order, and chunks are added in order. Results depend on the config
+Determinism: no atomics. Every program writes its own partial-sum cells, which
+``_finalize_kernel`` sums in a fixed order (loops over a fixed-shape buffer); each dW_d tile is
+owned by one program that walks the chunk's rows in order, and chunks are added in order. Results depend on the config
 (block sizes), fixed per shape once autotuned (DREP_TRITON_AUTOTUNE=0 pins the default).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -167,11 +171,12 @@ def _loss_gemm_kernel(
 
 @triton.jit(do_not_specialize=("R",))
 def _grad_gemm_kernel(
-    g_ptr, xn_ptr, dw_ptr, R, K,
+    g_ptr, xn_ptr, dw_ptr, R, K, alpha_hi, alpha_lo,
     ACCUMULATE: tl.constexpr, GEMM_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    # L2: dW_d[n, k] (+)= sum over the chunk's rows r of G'[r, n] x_noisy[r, k], in ACC_DTYPE.
+    # L2: dW_d[n, k] (+)= alpha sum over the chunk's rows r of G'[r, n] x_noisy[r, k], in
+    # ACC_DTYPE; alpha = 1 / (M K grad_scale) turns G' into G (no scaling pass afterwards).
     # The operands go to the dot as stored: GEMM_DTYPE states their dtype, as the loss kernel's
     # does (benchmarks/triton_aot.py reads it to know a tensor-core path).
     tl.static_assert(
@@ -195,11 +200,45 @@ def _grad_gemm_kernel(
         acc = dot(gt, xn, acc, INPUT_PRECISION, ACC_DTYPE)
         gt_ptrs += BLOCK_R * K
         xn_ptrs += BLOCK_R * K
+    if ACC_DTYPE == tl.float64:
+        acc = acc * join_scalar(alpha_hi, alpha_lo, ACC_DTYPE)
+    else:  # float32: hi alone is alpha rounded to float32 (and one register fewer: no spill)
+        acc = acc * alpha_hi
     mask = mask_n[:, None] & mask_k[None, :]
     dw_ptrs = dw_ptr + offs_n[:, None] * K + offs_k[None, :]
     if ACCUMULATE:  # beta = 1: the chunks before this one
         acc += tl.load(dw_ptrs, mask=mask, other=0.0)
     tl.store(dw_ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _finalize_kernel(
+    loss_part_ptr, n_loss, db_part_ptr, db_rows, K, n_hi, n_lo, loss_ptr, db_ptr,
+    HAS_DB: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # The call's results from the partial sums of every chunk, in float64 and a fixed order
+    # (deterministic), the mean's 1 / (M K) applied once: program p sums the db_d partials of
+    # columns p BLOCK .. (rows in order); program 0 also sums all loss partials.
+    n = join_scalar(n_hi, n_lo, tl.float64)
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    if HAS_DB:
+        cols = pid * BLOCK + offs
+        mask = cols < K
+        col_sum = tl.zeros((BLOCK,), dtype=tl.float64)
+        ptrs = db_part_ptr + cols  # pointers step by K per row: no int32 product r K
+        for _ in range(0, db_rows):
+            col_sum += tl.load(ptrs, mask=mask, other=0.0).to(tl.float64)
+            ptrs += K
+        tl.store(db_ptr + cols, (col_sum / n).to(db_ptr.dtype.element_ty), mask=mask)
+    if pid == 0:
+        total = tl.zeros((BLOCK,), dtype=tl.float64)
+        for i in range(0, n_loss, BLOCK):
+            total += tl.load(loss_part_ptr + i + offs, mask=i + offs < n_loss, other=0.0).to(tl.float64)
+        tl.store(loss_ptr, (tl.sum(total, axis=0) / n).to(loss_ptr.dtype.element_ty))
+
+
+_FINALIZE_BLOCK = 1024
 
 
 # Untuned (no GPU where this was written): configs that compile without spills for sm_80 and
@@ -308,8 +347,12 @@ def _denoise_loss(x, denoise_weight, denoise_bias, a, s, noise, seed, compute_gr
     min_m = min(c.kwargs["BLOCK_M"] for c in _configs(loss_kern, loss_meta))
     min_n = min(c.kwargs["BLOCK_N"] for c in _configs(loss_kern, loss_meta))
     part_rows, part_cols = triton.cdiv(rows, min_m), triton.cdiv(K, min_n)
-    loss_part = torch.zeros((chunks, part_rows, part_cols, 2), dtype=cdt, device=x.device)
-    db_part = torch.zeros((chunks, part_rows, K) if compute_grad and has_bias else (chunks, 1), dtype=cdt, device=x.device)
+    # One zeroed allocation (one fill launch) for both partial buffers.
+    db_shape = (chunks, part_rows, K) if compute_grad and has_bias else (chunks, 1)
+    loss_numel = chunks * part_rows * part_cols * 2
+    parts = torch.zeros(loss_numel + math.prod(db_shape), dtype=cdt, device=x.device)
+    loss_part = parts[:loss_numel].view(chunks, part_rows, part_cols, 2)
+    db_part = parts[loss_numel:].view(db_shape)
     xn = torch.empty((rows, K), dtype=gemm, device=x.device)
     g = torch.empty((rows, K), dtype=gemm, device=x.device) if compute_grad else xn
     grad_weight = torch.empty((K, K), dtype=cdt, device=x.device) if compute_grad else None
@@ -326,6 +369,7 @@ def _denoise_loss(x, denoise_weight, denoise_bias, a, s, noise, seed, compute_gr
     acc_dt, gemm_dt = tl_dtype(cdt), tl_dtype(gemm)
     dot_precision = precision.dot_precision(gemm)
     scale = precision.grad_scale(gemm)
+    alpha_hi, alpha_lo = _common.split_scalar(1.0 / (n * scale))
     bias = denoise_bias if has_bias else denoise_weight  # placeholder pointer, never read
 
     for c in range(chunks):
@@ -356,15 +400,19 @@ def _denoise_loss(x, denoise_weight, denoise_bias, a, s, noise, seed, compute_gr
                 return (triton.cdiv(K, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]),)
 
             grad_kern[grad_grid](
-                g, xn, grad_weight, R, K,
+                g, xn, grad_weight, R, K, alpha_hi, alpha_lo,
                 ACCUMULATE=c > 0, GEMM_DTYPE=gemm_dt, ACC_DTYPE=acc_dt, INPUT_PRECISION=dot_precision, **grad_meta,
             )
-    # Fixed-order reductions of the partials (deterministic), the mean's 1 / (M K) applied once.
-    loss = loss_part.to(torch.float64).sum().div(n).to(cdt)
+    loss = x.new_empty((), dtype=cdt)
+    grad_bias = x.new_empty(K, dtype=cdt) if compute_grad and has_bias else empty()
+    n_hi, n_lo = _common.split_scalar(float(n))
+    has_db = grad_bias.numel() > 0
+    _finalize_kernel[(triton.cdiv(K, _FINALIZE_BLOCK) if has_db else 1,)](
+        loss_part, loss_part.numel(), db_part, chunks * part_rows, K, n_hi, n_lo, loss, grad_bias,
+        HAS_DB=has_db, BLOCK=_FINALIZE_BLOCK,
+    )
     if not compute_grad:
         return loss, empty(), empty()
-    grad_weight.mul_(1.0 / (n * scale))
-    grad_bias = db_part.sum((0, 1)).mul_(1.0 / n) if has_bias else empty()
     return loss, grad_weight, grad_bias
 
 

@@ -114,8 +114,9 @@ inline at::ScalarType scalar_type_of(cudaDataType t) {
 // The (A type, C type, compute type) combinations of cublasGemmEx's table that the policy uses.
 inline bool supported(cudaDataType ab, cudaDataType c, cublasComputeType_t compute) {
   switch (compute) {
-    case CUBLAS_COMPUTE_32F:
-      return c == CUDA_R_32F && (ab == CUDA_R_16F || ab == CUDA_R_16BF || ab == CUDA_R_32F);
+    case CUBLAS_COMPUTE_32F:  // half operands: a float32 result or one in their own dtype
+      return (c == CUDA_R_32F && (ab == CUDA_R_16F || ab == CUDA_R_16BF || ab == CUDA_R_32F)) ||
+             (c == ab && (ab == CUDA_R_16F || ab == CUDA_R_16BF));
     case CUBLAS_COMPUTE_32F_FAST_TF32:
       return c == CUDA_R_32F && ab == CUDA_R_32F;
     case CUBLAS_COMPUTE_64F:
