@@ -415,9 +415,12 @@ def config_label(config, launch_kwargs: Optional[dict] = None) -> str:
     return f"{label} warps={warps} stages={stages}" + (f" maxnreg={maxnreg}" if maxnreg else "")
 
 
-def plan() -> dict[str, list[str]]:
-    """{launch name: labels of its shipped configs}."""
-    return {name: [config_label(c, v[2]) for c in v[3]] for name, v in _launches(PATHS[0]).items()}
+def plan() -> dict[str, dict[str, list[str]]]:
+    """{dtype path: {launch name: labels of the configs it ships on that path}} (a launch may
+    use another autotuned kernel, with other configs, per path)."""
+    return {
+        p.name: {name: [config_label(c, v[2]) for c in v[3]] for name, v in _launches(p).items()} for p in PATHS
+    }
 
 
 def compile_build(build: Build) -> Row:
@@ -469,11 +472,11 @@ def _pool(jobs: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init, initargs=(package_root,))
 
 
-def builds(configs: dict[str, list[str]]) -> list[Build]:
-    """Every (launch, config, dtype path, target) of ``configs`` ({launch: config labels})."""
+def builds(plans: dict[str, dict[str, list[str]]]) -> list[Build]:
+    """Every (launch, config, dtype path, target) of ``plans`` ({path: {launch: config labels}})."""
     return [
-        Build(launch, c, p.name, t) for launch, labels in configs.items() for c in range(len(labels))
-        for p in PATHS for t in TARGETS
+        Build(launch, c, path, t) for path, configs in plans.items() for launch, labels in configs.items()
+        for c in range(len(labels)) for t in TARGETS
     ]
 
 

@@ -86,6 +86,21 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and float32_uses_tf32() else "ieee"
 
 
+def tensor_core_dot(gemm: torch.dtype) -> bool:
+    """Whether a Triton dot of operands of dtype ``gemm`` runs on tensor cores: bf16 / fp16
+    always, float32 exactly when it is TF32 (``dot_precision``); float64 never."""
+    return gemm in HALF_DTYPES or dot_precision(gemm) == "tf32"
+
+
+def scaled_grad(grad_loss: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """grad_loss * grad (a gradient the loss computed in forward, float32 / float64) rounded
+    once to the parameter dtype ``dtype``, in one kernel: the product is formed in grad's dtype
+    and rounded on the store (not a product, then a cast)."""
+    if grad.dtype == dtype:
+        return grad_loss * grad
+    return torch.mul(grad_loss, grad, out=torch.empty_like(grad, dtype=dtype))
+
+
 def round_to_gemm(t: torch.Tensor, gemm: torch.dtype) -> torch.Tensor:
     """``t`` (accumulation dtype) rounded once to the GEMM dtype ``gemm``, back in ``t``'s dtype
     (the torch backend's, and the tests', form of the policy's operand rounding)."""

@@ -102,6 +102,23 @@ def test_gemm_operands_rounded_as_the_precision_policy_says(backend, dtype):
     assert_close(gw, e_gw, torch.finfo(dtype).eps, 1e-5 * float(e_gw.abs().max()) + 1e-12, "dW_d")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_parameter_gradients_are_rounded_once(backend, dtype):
+    # Backward scales the op's float32 gradients by the upstream gradient (0.37 here) and
+    # rounds the product once to the parameters' dtype: bitwise (0.37 * dL/dW_d).to(dtype).
+    # Rounding dL/dW_d first, then multiplying in dtype, rounds twice and differs.
+    x, wd, bd, eps = _inputs((9, 33), dtype)
+    loss = ops.denoise_loss(x, wd, bd, CO.a, CO.s, noise=eps)
+    gw, gb = torch.autograd.grad(loss * 0.37, [wd, bd])
+    _, want_gw, want_gb = torch.ops.drep.denoise_loss(
+        x, wd.detach(), bd.detach(), CO.a, CO.s, eps, torch.zeros((), dtype=torch.int64), backend, True
+    )
+    scale = torch.tensor(0.37, dtype=torch.float32)
+    assert want_gw.dtype == torch.float32 and gw.dtype == dtype
+    assert torch.equal(gw, (scale * want_gw).to(dtype)) and torch.equal(gb, (scale * want_gb).to(dtype))
+    assert not torch.equal(gw, scale.to(dtype) * want_gw.to(dtype)), "the test cannot see a second rounding"
+
+
 def test_without_bias(backend):
     _check_against_oracle(*_inputs((13, 17), torch.float64, bias=False), torch.float64)
 

@@ -109,11 +109,12 @@ def test_summary_per_launch_config_and_target():
 
 
 def test_builds_enumerate_every_config_path_and_target():
-    configs = {"a": ["c0", "c1", "c2"], "b": ["d0"]}
-    got = triton_aot.builds(configs)
-    want = {(launch, c, p.name, t) for launch, labels in configs.items() for c in range(len(labels)) for p in PATHS
-            for t in TARGETS}
-    assert len(got) == len(want) == 4 * len(PATHS) * len(TARGETS)
+    # Each path its own configs: "a" ships three on bf16, one elsewhere.
+    plans = {p.name: {"a": ["c0", "c1", "c2"] if p.name == "bf16" else ["c0"], "b": ["d0"]} for p in PATHS}
+    got = triton_aot.builds(plans)
+    want = {(launch, c, path, t) for path, configs in plans.items() for launch, labels in configs.items()
+            for c in range(len(labels)) for t in TARGETS}
+    assert len(got) == len(want) == (2 * len(PATHS) + 2) * len(TARGETS)
     assert {(b.launch, b.config, b.path, b.target) for b in got} == want
 
 

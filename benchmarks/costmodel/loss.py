@@ -125,8 +125,9 @@ def eager(M: int, K: int, dt: Dtype, gpu: Gpu) -> list[Kernel]:
 TRITON_CHUNK_ELEMS = 1 << 23
 TRITON_ROW_QUANTUM = 128
 TRITON_NOISY_TILE = (16, 128)  # _NOISY_CONFIG: BLOCK_M, BLOCK_K
-TRITON_LOSS_TILE = (64, 128, 32)  # _LOSS_CONFIGS[0]: BLOCK_M, BLOCK_N, BLOCK_K
-TRITON_GRAD_TILE = (128, 64, 32)  # _GRAD_CONFIGS[0]: BLOCK_N, BLOCK_K (dW_d tile), BLOCK_R (depth)
+# The first (default) configs per GEMM path (denoise_loss._kernels): Dtype.path -> tile.
+TRITON_LOSS_TILE = {"tc16": (128, 128, 32), "tf32": (64, 128, 32), "fma": (64, 128, 32)}  # BLOCK_M, BLOCK_N, BLOCK_K
+TRITON_GRAD_TILE = {"tc16": (128, 64, 32), "tf32": (128, 64, 32), "fma": (128, 64, 32)}  # BLOCK_N, BLOCK_K, BLOCK_R
 TRITON_PART_BLOCK = 64  # the smallest BLOCK_M / BLOCK_N of the configs: sizes the partial buffers
 
 
@@ -147,8 +148,8 @@ def triton(M: int, K: int, dt: Dtype, gpu: Gpu, chunk_elems: int = TRITON_CHUNK_
     loss_part = len(parts) * part_rows * part_cols * 2 * ACC
     db_part = len(parts) * part_rows * K * ACC
     nm, nk = TRITON_NOISY_TILE
-    bm, bn, bk = TRITON_LOSS_TILE
-    gn, gk, gr = TRITON_GRAD_TILE
+    bm, bn, bk = TRITON_LOSS_TILE[dt.path]
+    gn, gk, gr = TRITON_GRAD_TILE[dt.path]
     ks = _seed_draw() + [stream("zeros: loss and dL/db_d partials (one buffer)", loss_part + db_part)]
     for c, R in enumerate(parts):
         # _noisy_input_kernel: x read (s), x_noisy written (s); one Philox call per four

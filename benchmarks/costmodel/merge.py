@@ -42,8 +42,9 @@ def eager(out: int, K: int, dt: Dtype, gpu: Gpu) -> list[Kernel]:
     ]
 
 
-# triton (drep_kernels/triton/merge_weights.py): _CONFIGS[0] (checked by the tests).
-TRITON_TILE = (128, 64, 16)  # BLOCK_R, BLOCK_N, BLOCK_K
+# triton (drep_kernels/triton/merge_weights.py): the first config of the kernel each GEMM path
+# launches (checked by the tests): Dtype.path -> (BLOCK_R, BLOCK_N, BLOCK_K).
+TRITON_TILE = {"tc16": (128, 128, 32), "tf32": (128, 128, 32), "fma": (128, 64, 16)}
 
 
 def triton(out: int, K: int, dt: Dtype, gpu: Gpu) -> list[Kernel]:
@@ -52,7 +53,7 @@ def triton(out: int, K: int, dt: Dtype, gpu: Gpu) -> list[Kernel]:
     K is a multiple of BLOCK_N). Every column program loads its rows of W (A); every row program
     loads all of W_d (B) and b_d; the epilogue loads W (Add, just streamed as A: L2) and b."""
     s = dt.size
-    bm, bn, bk = TRITON_TILE
+    bm, bn, bk = TRITON_TILE[dt.path]
     n_ext = K + 1
     programs = math.ceil(out / bm) * math.ceil(n_ext / bn)
     return [triton_gemm(

@@ -313,6 +313,6 @@ class _StashedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad_dw, grad_db = ctx.saved_tensors
-        dw = (grad * grad_dw).to(ctx.dtype) if ctx.needs_input_grad[3] else None
-        db = (grad * grad_db).to(ctx.dtype) if ctx.needs_input_grad[4] and grad_db is not None else None
+        dw = precision.scaled_grad(grad, grad_dw, ctx.dtype) if ctx.needs_input_grad[3] else None
+        db = precision.scaled_grad(grad, grad_db, ctx.dtype) if ctx.needs_input_grad[4] and grad_db is not None else None
         return None, None, None, dw, db

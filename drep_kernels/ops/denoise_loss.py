@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import rng
+from .. import precision, rng
 from ..backends import kernels, select
 from . import _checks
 
@@ -55,14 +55,6 @@ def _setup_context(ctx, inputs, output):
     ctx.weight_dtype = denoise_weight.dtype
 
 
-def _scaled(grad_loss: Tensor, grad: Tensor, dtype: torch.dtype) -> Tensor:
-    """grad_loss * grad in ``dtype``: one kernel, multiplied in grad's dtype and rounded once
-    on the store (for half-precision weights; not a product, then a cast)."""
-    if grad.dtype == dtype:
-        return grad_loss * grad
-    return torch.mul(grad_loss, grad, out=torch.empty_like(grad, dtype=dtype))
-
-
 def _backward(ctx, grad_loss, _grad_gw, _grad_gb):
     if grad_loss is None:  # (without materialized grads) nothing flowed into the loss
         return (None,) * 9
@@ -70,8 +62,8 @@ def _backward(ctx, grad_loss, _grad_gw, _grad_gb):
     need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     if (need_w and grad_weight.numel() == 0) or (need_b and grad_bias.numel() == 0):
         raise RuntimeError("drep::denoise_loss was called with compute_grad=False; no gradient was computed")
-    dw = _scaled(grad_loss, grad_weight, ctx.weight_dtype) if need_w else None
-    db = _scaled(grad_loss, grad_bias, ctx.weight_dtype) if need_b else None
+    dw = precision.scaled_grad(grad_loss, grad_weight, ctx.weight_dtype) if need_w else None
+    db = precision.scaled_grad(grad_loss, grad_bias, ctx.weight_dtype) if need_b else None
     # x gets no gradient: the denoising objective never pulls the backbone.
     return None, dw, db, None, None, None, None, None, None
 

@@ -14,7 +14,8 @@ order. Per chunk, with GEMM dtype T (the input dtype, ``drep_kernels.precision``
    the chunk's G' buffer (float16: times 2^-14, saturating). p never reaches memory.
 3. ``_grad_gemm_kernel``: dL/dW_d += alpha G'^T x_noisy, float32 accumulation on tensor cores,
    into the K x K float32 result in place (chunk 0 writes it, later chunks add: beta = 1);
-   alpha = 1 / (M K) over G's scale, so no pass over dL/dW_d follows.
+   alpha = 1 / (M K) over G's scale, so no pass over dL/dW_d follows (float32; float64 is
+   scaled after the loop).
 
 Around the loop: one fill (the partial-sum buffers, zeroed together) before it, and after it
 ``_finalize_kernel``: the loss and dL/db_d from all partials, in float64, divided by M K.
@@ -22,13 +23,15 @@ Around the loop: one fill (the partial-sum buffers, zeroed together) before it, 
 Per element of x (bf16): x read once (2 B) and the noise drawn once in step 1; x_noisy written
 (2 B) and read by both GEMMs; eps drawn once more in step 2's epilogue; G' written (2 B) and
 read once. Two Philox calls per four elements in all, 2 M K^2 FLOPs per GEMM, three launches
-per chunk plus two. Nothing of size M x K outlives the call; the workspace is two R x K buffers in T (at most 32 MiB for bf16 / fp16, 64 MiB float32, 128 MiB float64), the
-K x K result and per-program partial sums. benchmarks/costmodel.py counts the same per shape.
+per chunk plus two. Nothing of size M x K outlives the call; the workspace is two R x K buffers
+in T (at most 32 MiB for bf16 / fp16, 64 MiB float32, 128 MiB float64), the K x K result and
+per-program partial sums. benchmarks/costmodel counts the same per shape.
 
 Determinism: no atomics. Every program writes its own partial-sum cells, which
 ``_finalize_kernel`` sums in a fixed order (loops over a fixed-shape buffer); each dW_d tile is
-owned by one program that walks the chunk's rows in order, and chunks are added in order. Results depend on the config
-(block sizes), fixed per shape once autotuned (DREP_TRITON_AUTOTUNE=0 pins the default).
+owned by one program that walks the chunk's rows in order, and chunks are added in order.
+Results depend on the config (block sizes), fixed per shape once autotuned
+(DREP_TRITON_AUTOTUNE=0 pins the default, the first config of the kernel ``_kernels`` picks).
 """
 from __future__ import annotations
 
@@ -171,7 +174,7 @@ def _loss_gemm_kernel(
 
 @triton.jit(do_not_specialize=("R",))
 def _grad_gemm_kernel(
-    g_ptr, xn_ptr, dw_ptr, R, K, alpha_hi, alpha_lo,
+    g_ptr, xn_ptr, dw_ptr, R, K, alpha,
     ACCUMULATE: tl.constexpr, GEMM_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_N: tl.constexpr,
 ):
@@ -200,10 +203,11 @@ def _grad_gemm_kernel(
         acc = dot(gt, xn, acc, INPUT_PRECISION, ACC_DTYPE)
         gt_ptrs += BLOCK_R * K
         xn_ptrs += BLOCK_R * K
-    if ACC_DTYPE == tl.float64:
-        acc = acc * join_scalar(alpha_hi, alpha_lo, ACC_DTYPE)
-    else:  # float32: hi alone is alpha rounded to float32 (and one register fewer: no spill)
-        acc = acc * alpha_hi
+    # float32 only: Triton passes alpha as a float32 scalar. float64 (not a speed path) is
+    # scaled by the host afterwards: a float32 hi + lo pair joined here spills on sm_80, and a
+    # float64-annotated scalar is rounded to float32 by the interpreter.
+    if ACC_DTYPE == tl.float32:
+        acc = acc * alpha
     mask = mask_n[:, None] & mask_k[None, :]
     dw_ptrs = dw_ptr + offs_n[:, None] * K + offs_k[None, :]
     if ACCUMULATE:  # beta = 1: the chunks before this one
@@ -250,7 +254,12 @@ _FINALIZE_BLOCK = 1024
 #   without a cap ptxas aims at 128 registers on its own and spills the epilogue's Philox /
 #   Box-Muller state (tf32 and bf16 at 128 x 64); with it the tensor-core paths take 80 to 160
 #   registers and the FMA paths (IEEE float32, float64) up to 255, spill-free. 128 x 64 still
-#   spills 4 B (IEEE float32, sm_90, triton 3.6) and 128 x 128 up to 400 B: not shipped.
+#   spills 4 B (IEEE float32, sm_90, triton 3.6) and 128 x 128 up to 400 B on those paths.
+# - Wider tiles where they compile clean: bf16 / fp16 run the loss GEMM on 128 x 128 tiles first
+#   (235 to 246 registers; TF32 spills 32 to 36 B on sm_90 there), which read each operand from
+#   L2 half as often as 64 x 128 ones (the cost model's bound on this GEMM, benchmarks/costmodel);
+#   bf16 / fp16 / TF32 may also autotune the dL/dW_d GEMM to 128 x 128 dW_d tiles (IEEE float32
+#   spills 256 B on sm_80 there, triton 3.8).
 _NOISY_CONFIG = {"BLOCK_M": 16, "BLOCK_K": 128}
 _NOISY_WARPS = 4
 _LOSS_CONFIGS = [
@@ -260,6 +269,14 @@ _LOSS_CONFIGS = [
 _GRAD_CONFIGS = [
     triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_N": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_N": 8}, num_warps=4, num_stages=3),
+]
+_LOSS_CONFIGS_128 = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3, maxnreg=255)
+] + _LOSS_CONFIGS
+# The dW_d GEMM's 128 x 128 tiles come last, for the autotuner only: its K x K output has few
+# tiles (36 at K = 768), and without a split over rows fewer tiles leave more SMs idle.
+_GRAD_CONFIGS_128 = _GRAD_CONFIGS + [
+    triton.Config({"BLOCK_N": 128, "BLOCK_K": 128, "BLOCK_R": 32, "GROUP_N": 8}, num_warps=8, num_stages=3)
 ]
 _LOSS_INTERPRET = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1)
 _GRAD_INTERPRET = triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_R": 32, "GROUP_N": 2}, num_warps=4, num_stages=1)
@@ -288,6 +305,16 @@ def grad_kernel(configs: list[triton.Config], **autotune_options):
 
 _loss_kernel = loss_kernel(_common.config(_LOSS_CONFIGS, _LOSS_CONFIGS[0], _LOSS_INTERPRET))
 _grad_kernel = grad_kernel(_common.config(_GRAD_CONFIGS, _GRAD_CONFIGS[0], _GRAD_INTERPRET))
+_loss_kernel_128 = loss_kernel(_common.config(_LOSS_CONFIGS_128, _LOSS_CONFIGS_128[0], _LOSS_INTERPRET))
+_grad_kernel_128 = grad_kernel(_common.config(_GRAD_CONFIGS_128, _GRAD_CONFIGS_128[0], _GRAD_INTERPRET))
+
+
+def _kernels(gemm: torch.dtype):
+    """The (loss, dL/dW_d) autotuned kernels for GEMM operands of dtype ``gemm``: those with
+    128 x 128 tile configs on the paths where these compile without spills."""
+    half = gemm in precision.HALF_DTYPES
+    tensor_cores = precision.tensor_core_dot(gemm)
+    return (_loss_kernel_128 if half else _loss_kernel), (_grad_kernel_128 if tensor_cores else _grad_kernel)
 
 
 def chunk_rows(M: int, K: int) -> int:
@@ -314,7 +341,8 @@ def denoise_loss_fwd(
     Returns loss (0-d), grad_weight (K, K), grad_bias (K,) in float32 (float64 for float64);
     the gradients are empty when ``compute_grad`` is False (grad_bias also without a bias).
     """
-    return _denoise_loss(x, denoise_weight, denoise_bias, a, s, noise, seed, compute_grad, _loss_kernel, _grad_kernel)
+    loss_kern, grad_kern = _kernels(precision.gemm_dtype(x.dtype, tensor_cores=True))
+    return _denoise_loss(x, denoise_weight, denoise_bias, a, s, noise, seed, compute_grad, loss_kern, grad_kern)
 
 
 def _denoise_loss(x, denoise_weight, denoise_bias, a, s, noise, seed, compute_grad, loss_kern, grad_kern, meta=None):
@@ -369,7 +397,7 @@ def _denoise_loss(x, denoise_weight, denoise_bias, a, s, noise, seed, compute_gr
     acc_dt, gemm_dt = tl_dtype(cdt), tl_dtype(gemm)
     dot_precision = precision.dot_precision(gemm)
     scale = precision.grad_scale(gemm)
-    alpha_hi, alpha_lo = _common.split_scalar(1.0 / (n * scale))
+    alpha = 1.0 / (n * scale)
     bias = denoise_bias if has_bias else denoise_weight  # placeholder pointer, never read
 
     for c in range(chunks):
@@ -400,7 +428,7 @@ def _denoise_loss(x, denoise_weight, denoise_bias, a, s, noise, seed, compute_gr
                 return (triton.cdiv(K, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]),)
 
             grad_kern[grad_grid](
-                g, xn, grad_weight, R, K, alpha_hi, alpha_lo,
+                g, xn, grad_weight, R, K, alpha,
                 ACCUMULATE=c > 0, GEMM_DTYPE=gemm_dt, ACC_DTYPE=acc_dt, INPUT_PRECISION=dot_precision, **grad_meta,
             )
     loss = x.new_empty((), dtype=cdt)
@@ -413,6 +441,8 @@ def _denoise_loss(x, denoise_weight, denoise_bias, a, s, noise, seed, compute_gr
     )
     if not compute_grad:
         return loss, empty(), empty()
+    if cdt == torch.float64:  # the alpha _grad_gemm_kernel applies to float32 only
+        grad_weight.mul_(alpha)
     return loss, grad_weight, grad_bias
 
 

@@ -101,24 +101,42 @@ def _merge_gemm_kernel(
 
 # Untuned (no GPU where this was written): the configs that compile without register spills for
 # sm_80 and sm_90 on every dtype path and launch (python -m benchmarks.triton_aot; table in
-# benchmarks/results/triton-aot-sm80-sm90.md). The IEEE float32 dot (the float32 default, and
-# bf16 / fp16, computed in float32) runs on FMA units, each thread holding its rows and columns
-# of both operand slices in registers: BLOCK_K = 32 or 128 x 128 tiles spill on the IEEE or
+# benchmarks/results/triton-aot-sm80-sm90.md). The IEEE float32 dot (the float32 default) and
+# the float64 one run on FMA / DMMA units, each thread holding its rows and columns of both
+# operand slices in registers: BLOCK_K = 32 or 128 x 128 tiles spill on the IEEE or
 # float64 paths. Without a register cap ptxas -O3 picks its own register target, trading spills
 # for occupancy: that is why the former 128 x 128 x 32 default came out at 32 registers with
 # 11 KB of spill stores (nothing in the PTX forced 32: .reqntid 256 allows 255), and why 64 x 64
 # tiles spill a few bytes at 80 to 96 registers; with a cap (maxnreg) it fills the cap instead
-# (255 registers for 64 x 64; at 128 it spills), so those are not shipped.
+# (255 registers for 64 x 64; at 128 it spills), so those are not shipped there. On the
+# tensor-core paths (bf16, fp16, TF32) the accumulator lives in the MMA's registers and
+# 128 x 128 x 32 tiles compile clean for every launch (130 to 232 registers, triton 3.6 and
+# 3.8): they come first there, reading W and W_d from L2 half as often as 128 x 64 tiles.
 _CONFIGS = [
     triton.Config({"BLOCK_R": br, "BLOCK_N": bn, "BLOCK_K": 16, "GROUP_R": 8}, num_warps=8, num_stages=3)
     for br, bn in [(128, 64), (64, 128)]
 ]
+_CONFIGS_128 = [
+    triton.Config({"BLOCK_R": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_R": 8}, num_warps=8, num_stages=3)
+] + _CONFIGS
 _DEFAULT = _CONFIGS[0]
 _INTERPRET = triton.Config({"BLOCK_R": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_R": 2}, num_warps=4, num_stages=1)
-_kernel = triton.autotune(
-    configs=_common.config(_CONFIGS, _DEFAULT, _INTERPRET),
-    key=["R", "N", "KR", "HAS_BCOL", "HAS_ADD", "HAS_RANK1"],
-)(_merge_gemm_kernel)
+
+
+def _autotuned(configs: list[triton.Config]):
+    return triton.autotune(
+        configs=_common.config(configs, configs[0], _INTERPRET),
+        key=["R", "N", "KR", "HAS_BCOL", "HAS_ADD", "HAS_RANK1"],
+    )(_merge_gemm_kernel)
+
+
+_kernel = _autotuned(_CONFIGS)  # IEEE float32 and float64
+_kernel_128 = _autotuned(_CONFIGS_128)  # the tensor-core paths
+
+
+def _kernel_for(gemm: torch.dtype):
+    """The autotuned kernel for GEMM operands of dtype ``gemm``."""
+    return _kernel_128 if precision.tensor_core_dot(gemm) else _kernel
 
 
 def _scalars(c_add: float, c_mul: float) -> tuple[float, float, float, float]:
@@ -163,7 +181,8 @@ def _gemm(
         return (triton.cdiv(R, meta["BLOCK_R"]) * triton.cdiv(N + has_bcol, meta["BLOCK_N"]),)
 
     placeholder = out
-    _kernel[grid](
+    gemm = precision.gemm_dtype(dtype, tensor_cores=True)
+    _kernel_for(gemm)[grid](
         a, b, bcol if has_bcol else placeholder, add if add is not None else placeholder,
         addcol if addcol is not None else placeholder, u if u is not None else placeholder,
         v if v is not None else placeholder, out, outcol if outcol is not None else placeholder,
@@ -172,7 +191,7 @@ def _gemm(
         _stride(addcol), _stride(u), _stride(v), out.stride(0), out.stride(1), _stride(outcol),
         *_scalars(c_add, c_mul),
         HAS_BCOL=has_bcol, HAS_ADD=add is not None, HAS_ADDCOL=addcol is not None, HAS_RANK1=u is not None,
-        GEMM_DTYPE=tl_dtype(precision.gemm_dtype(dtype, tensor_cores=True)),
+        GEMM_DTYPE=tl_dtype(gemm),
         DTYPE=tl_dtype(precision.accumulate_dtype(dtype)),
         INPUT_PRECISION=precision.dot_precision(dtype),
     )
