@@ -94,11 +94,18 @@ def tensor_core_dot(gemm: torch.dtype) -> bool:
 
 def scaled_grad(grad_loss: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """grad_loss * grad (a gradient the loss computed in forward, float32 / float64) rounded
-    once to the parameter dtype ``dtype``, in one kernel: the product is formed in grad's dtype
-    and rounded on the store (not a product, then a cast)."""
+    once to the parameter dtype ``dtype``: the product is formed in grad's dtype and rounded on
+    the store, in one kernel. Where that kernel cannot serve (a differentiable backward, with
+    create_graph, or a batched one, under vmap: an out= op has neither a derivative nor a
+    batching rule) the product is cast afterwards: the same single rounding, one launch more."""
     if grad.dtype == dtype:
         return grad_loss * grad
-    return torch.mul(grad_loss, grad, out=torch.empty_like(grad, dtype=dtype))
+    if torch.is_grad_enabled():
+        return (grad_loss * grad).to(dtype)
+    try:
+        return torch.mul(grad_loss, grad, out=torch.empty_like(grad, dtype=dtype))
+    except RuntimeError:  # batched (vmap; autograd.grad's is_grads_batched is not detectable)
+        return (grad_loss * grad).to(dtype)
 
 
 def round_to_gemm(t: torch.Tensor, gemm: torch.dtype) -> torch.Tensor:

@@ -146,6 +146,11 @@ def test_merge_gemms(host, dtype, way):
     check_types(backward, dtype, way != "off")
     assert [dims(c) for c in forward] == [(k, out, k)]
     assert [float(forward[0]["alpha"]), float(forward[0]["beta"])] == pytest.approx([-C1, C3])
+    # A bf16 / fp16 W' is rounded once from the float32 sum: no split-K partials in that dtype
+    # (CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION during the call, and only then).
+    half = dtype in (torch.bfloat16, torch.float16)
+    assert forward[0]["reduced_precision_reduction"] == ("off" if half else "allowed")
+    assert all(c["reduced_precision_reduction"] == "allowed" for c in backward)
     assert [dims(c) for c in backward] == [(k, out, k), (k, k, out), (1, k, out)]
     assert all(float(c["beta"]) == 0 for c in backward)
     assert [float(c["alpha"]) for c in backward] == pytest.approx([1.0, -C1, -C1])

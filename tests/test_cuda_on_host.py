@@ -311,7 +311,8 @@ def check_merge(host, dtype, w, b, wd, bd, gw, gb, need=(True, True)):
         assert_close(g, r, rtol, atol, name)
 
 
-MERGE_SHAPES = [(1, 1), (7, 127), (127, 7), (127, 127)]
+# K = 300: more columns than merge_prep_kernel's 256 threads (its strided loop and full tree).
+MERGE_SHAPES = [(1, 1), (7, 127), (127, 7), (127, 127), (5, 300)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
@@ -345,6 +346,27 @@ def test_merge_half_precision(host, dtype):
     # Computed in float32, W' and b' rounded once to the weight's dtype.
     w, b, wd, bd, gw, gb = merge_inputs(127, 127, dtype, has_b=True, has_bd=True, seed=6)
     check_merge(host, dtype, w, b, wd, bd, gw, gb)
+    # Once: every element of W' within half a unit in the last place of dtype of the exact
+    # float64 value, plus float32's error in forming it (K terms, each within 2^-24 of the
+    # magnitudes summed). The product rounded to dtype before c3 W is added (two roundings)
+    # misses by hundreds of units here.
+    got, _ = host.merge_weights_fwd(w, b, wd, bd, C1, C3)
+    exact = C3 * d(w) - C1 * d(w) @ d(wd)
+    info = torch.finfo(dtype)  # below its smallest normal (float16's 2^-14) the unit is fixed
+    ulp = info.eps * torch.exp2(torch.floor(torch.log2(exact.abs().clamp(min=info.tiny))))
+    float32_error = w.shape[1] * 2.0**-24 * (C3 * d(w).abs() + C1 * d(w).abs() @ d(wd).abs())
+    assert bool(((d(got) - exact).abs() <= 0.5 * ulp + float32_error).all())
+
+
+@pytest.mark.parametrize("has_b,has_bd", [(True, True), (False, True), (True, False)])
+def test_merge_without_columns(host, has_b, has_bd):
+    # K = 0 with rows: W' is out x 0 and b' = b (0 without b): W b_d is an empty sum.
+    w = torch.empty(5, 0)
+    b = torch.randn(5) if has_b else None
+    bd = torch.empty(0) if has_bd else None
+    merged_w, merged_b = host.merge_weights_fwd(w, b, torch.empty(0, 0), bd, C1, C3)
+    assert merged_w.shape == (5, 0)
+    assert torch.equal(merged_b, b if has_b else torch.zeros(5))
 
 
 def test_merge_empty_layer(host):

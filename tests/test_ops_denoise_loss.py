@@ -102,21 +102,44 @@ def test_gemm_operands_rounded_as_the_precision_policy_says(backend, dtype):
     assert_close(gw, e_gw, torch.finfo(dtype).eps, 1e-5 * float(e_gw.abs().max()) + 1e-12, "dW_d")
 
 
+def _op_grads(backend, x, wd, bd, eps):
+    """The float32 dL/dW_d, dL/db_d the op computes in forward (before backward scales them)."""
+    seed = torch.zeros((), dtype=torch.int64)
+    _, gw, gb = torch.ops.drep.denoise_loss(x, wd.detach(), bd.detach(), CO.a, CO.s, eps, seed, backend, True)
+    return gw, gb
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_parameter_gradients_are_rounded_once(backend, dtype):
+def test_half_parameter_gradients_are_the_scaled_float32_ones_rounded_once(backend, dtype):
     # Backward scales the op's float32 gradients by the upstream gradient (0.37 here) and
-    # rounds the product once to the parameters' dtype: bitwise (0.37 * dL/dW_d).to(dtype).
-    # Rounding dL/dW_d first, then multiplying in dtype, rounds twice and differs.
+    # rounds the product once to the parameters' dtype: bitwise (0.37 * dL/dW_d).to(dtype),
+    # not 0.37 times dL/dW_d already rounded (two roundings, which the last line tells apart).
     x, wd, bd, eps = _inputs((9, 33), dtype)
     loss = ops.denoise_loss(x, wd, bd, CO.a, CO.s, noise=eps)
     gw, gb = torch.autograd.grad(loss * 0.37, [wd, bd])
-    _, want_gw, want_gb = torch.ops.drep.denoise_loss(
-        x, wd.detach(), bd.detach(), CO.a, CO.s, eps, torch.zeros((), dtype=torch.int64), backend, True
-    )
+    want_gw, want_gb = _op_grads(backend, x, wd, bd, eps)
     scale = torch.tensor(0.37, dtype=torch.float32)
     assert want_gw.dtype == torch.float32 and gw.dtype == dtype
     assert torch.equal(gw, (scale * want_gw).to(dtype)) and torch.equal(gb, (scale * want_gb).to(dtype))
     assert not torch.equal(gw, scale.to(dtype) * want_gw.to(dtype)), "the test cannot see a second rounding"
+
+
+def test_half_parameter_gradients_under_create_graph_and_batched_backward(backend):
+    # A differentiable backward (create_graph, a learned loss weight) and a batched one (vmap)
+    # take the product-then-cast route: the same values, and the graph / the batch work.
+    x, wd, bd, eps = _inputs((9, 33), torch.bfloat16)
+    want_gw, _ = _op_grads(backend, x, wd, bd, eps)
+    lam = torch.tensor(0.37, requires_grad=True)
+    loss = ops.denoise_loss(x, wd, bd, CO.a, CO.s, noise=eps)
+    (gw,) = torch.autograd.grad(lam * loss, [wd], create_graph=True)
+    assert gw.requires_grad and torch.equal(gw, (lam.detach() * want_gw).bfloat16())
+    (dlam,) = torch.autograd.grad((gw.float() * want_gw).sum(), [lam])
+    assert_close(dlam, (want_gw.bfloat16().float() * want_gw).sum(), 1e-2, 0.0, "d/dlam")
+    loss = ops.denoise_loss(x, wd, bd, CO.a, CO.s, noise=eps)
+    scales = torch.tensor([1.0, 0.5, -2.0])
+    (batched,) = torch.autograd.grad(loss, [wd], grad_outputs=scales, is_grads_batched=True)
+    for scale, got in zip(scales, batched):
+        assert torch.equal(got, (scale * want_gw).bfloat16())
 
 
 def test_without_bias(backend):

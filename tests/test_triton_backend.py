@@ -198,6 +198,23 @@ def test_denoise_loss_other_block_shapes(loss_blocks, grad_blocks):
         assert_close(got, want, 1e-5, 1e-5 * float(want.abs().max()), name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_denoise_loss_final_sums_over_several_programs(monkeypatch, dtype):
+    """_finalize_kernel with 16-column programs over K = 33 (three, the last one column wide)
+    and the partials of three 128-row chunks: each program sums its columns' dL/db_d partials
+    over every chunk, program 0 also the loss."""
+    from drep_kernels.triton import denoise_loss as tdl
+
+    monkeypatch.setattr(tdl, "_FINALIZE_BLOCK", 16)
+    monkeypatch.setattr(tdl, "CHUNK_ELEMS", 128 * 33)
+    x, w, b, eps = _denoise_inputs(300, 33, dtype)
+    a, s = _scales(dtype)
+    got = kernels("triton").denoise_loss_fwd(x, w, b, a, s, eps, torch.tensor(0), True)
+    want = oracle.denoise_loss_grads(x, w, b, a, s, eps, _gemm_dtype(dtype))
+    for u, v, name in zip(got, want, ("loss", "dL/dW_d", "dL/db_d")):
+        _close(u, v, dtype, name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_denoise_loss_in_chunks(monkeypatch, dtype):
     """Several row chunks (the budget lowered to 2048 elements: 128-row chunks at K = 16, the last

@@ -94,7 +94,8 @@ def test_the_autotuning_call_returns_the_right_weight_gradient(monkeypatch):
 
 # Parameters of the loss's kernels other than pointers that no test below varies.
 _FIXED_ARGS = dict(
-    K=64, a_hi=0.5, a_lo=0.0, s_hi=0.5, s_lo=0.0, grad_scale=1.0, stride_xm=64, stride_xk=1, stride_wn=64,
+    K=64, a_hi=0.5, a_lo=0.0, s_hi=0.5, s_lo=0.0, grad_scale=1.0, alpha=0.5, n_hi=4096.0, n_lo=0.0, HAS_DB=True,
+    BLOCK=1024, stride_xm=64, stride_xk=1, stride_wn=64,
     stride_wk=1, stride_b=1, stride_em=64, stride_ek=1, part_cols=2, HAS_BIAS=True, HAS_NOISE=False,
     COMPUTE_GRAD=True, SEED_FROM_PTR=False, ACCUMULATE=True, GEMM_DTYPE=triton.language.bfloat16,
     ACC_DTYPE=triton.language.float32, INPUT_PRECISION="ieee", SATURATE=False, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32,
@@ -130,7 +131,7 @@ _CHUNKS = [(0, 1), (1, 16), (17, 17), (1024, 128), (12544, 1576)]
 _SEEDS = (1, 16, 17, 2**40 + 3, -5)
 
 
-@pytest.mark.parametrize("kernel", ["_noisy_input_kernel", "_loss_gemm_kernel", "_grad_gemm_kernel"])
+@pytest.mark.parametrize("kernel", ["_noisy_input_kernel", "_loss_gemm_kernel", "_grad_gemm_kernel", "_finalize_kernel"])
 def test_a_new_seed_or_batch_size_compiles_no_new_kernel(kernel):
     from triton.runtime import jit
 
@@ -139,6 +140,8 @@ def test_a_new_seed_or_batch_size_compiles_no_new_kernel(kernel):
     fn = getattr(tdl, kernel)
     if kernel == "_grad_gemm_kernel":  # no seed, no row0: only the chunk's rows vary
         keys = {_specialization(fn, R=R) for _, R in _CHUNKS}
+    elif kernel == "_finalize_kernel":  # the partials' counts vary with the batch
+        keys = {_specialization(fn, n_loss=2 * R, db_rows=R) for _, R in _CHUNKS}
     else:
         keys = {_specialization(fn, seed=seed, row0=row0, R=R) for seed in _SEEDS for row0, R in _CHUNKS}
     assert len(keys) == 1, keys

@@ -205,6 +205,18 @@ def test_loss_chunks_race_free(monkeypatch, M, K, chunks):
     _launched(launches, _loss_launches(True), chunks, tail=[FINALIZE])
 
 
+def test_loss_finalize_over_several_programs_race_free(monkeypatch):
+    # 16-column finalize programs over K = 33: three programs store disjoint dL/db_d columns,
+    # program 0 the loss too.
+    from drep_kernels.triton import denoise_loss as tdl
+
+    monkeypatch.setattr(tdl, "_FINALIZE_BLOCK", 16)
+    x, w, b, _ = tb._denoise_inputs(40, 33, F32)
+    with record_stores() as launches:
+        kernels("triton").denoise_loss_fwd(x, w, b, A, S, None, torch.tensor(5), True)
+    _launched(launches, _loss_launches(True), tail=[FINALIZE])
+
+
 @pytest.mark.parametrize(
     "loss_blocks,grad_blocks", [((16, 64, 16), (64, 16, 16)), ((16, 16, 64), (16, 64, 32))], ids=["wide-N", "wide-K"]
 )

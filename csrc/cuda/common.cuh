@@ -120,6 +120,31 @@ inline int blas_int(int64_t v, const char* what) {
   return static_cast<int>(v);
 }
 
+// While alive (and `on`): the handle's math mode with CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION
+// added; the mode before is restored by the destructor.
+class ReducedPrecisionReductionOff {
+ public:
+  ReducedPrecisionReductionOff(cublasHandle_t handle, bool on) : handle_(handle), on_(on) {
+    if (on_) {
+      TORCH_CUDABLAS_CHECK(cublasGetMathMode(handle_, &saved_));
+      TORCH_CUDABLAS_CHECK(cublasSetMathMode(
+          handle_, static_cast<cublasMath_t>(saved_ | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)));
+    }
+  }
+  ~ReducedPrecisionReductionOff() {
+    if (on_) {
+      cublasSetMathMode(handle_, saved_);  // no check: a destructor must not throw
+    }
+  }
+  ReducedPrecisionReductionOff(const ReducedPrecisionReductionOff&) = delete;
+  ReducedPrecisionReductionOff& operator=(const ReducedPrecisionReductionOff&) = delete;
+
+ private:
+  cublasHandle_t handle_;
+  bool on_;
+  cublasMath_t saved_ = CUBLAS_DEFAULT_MATH;
+};
+
 // c = alpha a b + beta c (beta = 0: c is not read), with a (m x k) and b (k x n) of one dtype,
 // in any strides, and c (m x n) row-major (unit column stride) in the result dtype of the
 // policy, float32 for bfloat16/float16/float32 operands and float64 for float64, or in the
@@ -160,7 +185,12 @@ inline void gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, 
   const void* alpha_ptr = f64 ? static_cast<const void*>(&alpha) : static_cast<const void*>(&alpha_f);
   const void* beta_ptr = f64 ? static_cast<const void*>(&beta) : static_cast<const void*>(&beta_f);
   const cudaDataType type = cublas_data_type(operands);
-  TORCH_CUDABLAS_CHECK(cublasGemmEx(at::cuda::getCurrentCUDABlasHandle(), lhs.op, rhs.op, blas_int(n, "n"),
+  const cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  // A bf16 / fp16 result: no split-K partial sums in that dtype (cuBLAS's default math mode,
+  // which torch sets on the handle it hands out, allows them), so the float32 sum is rounded
+  // once. Restored on the way out, exception or not.
+  const ReducedPrecisionReductionOff math_mode(handle, result != compute_dtype(operands));
+  TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, lhs.op, rhs.op, blas_int(n, "n"),
                                     blas_int(m, "m"), blas_int(k, "k"), alpha_ptr, lhs.data.const_data_ptr(), type,
                                     blas_int(lhs.ld, "leading dimension"), rhs.data.const_data_ptr(), type,
                                     blas_int(rhs.ld, "leading dimension"), beta_ptr, c.data_ptr(),

@@ -4,9 +4,10 @@
 // float64 for float64; float32 on TF32 exactly when torch's matmuls are) and a kernel per pass:
 //   forward   two launches, as torch.addmm(W, W, W_d, beta=c3, alpha=-c1) takes: merge_prep_kernel
 //             copies W into the result W' and forms b' = b - c1 (W b_d) in the same pass over W
-//             (M2); then one GEMM W' = c3 W' - c1 W W_d, beta = c3 on the copy, the sum formed
-//             in float32 and rounded once to W's dtype (M1). No [W_d | b_d] copy, no float32
-//             product in memory;
+//             (M2; W b_d as dot products in float32 / float64 on the CUDA cores, never TF32:
+//             K multiply-adds per row, the torch backend's addmv); then one GEMM
+//             W' = c3 W' - c1 W W_d, beta = c3 on the copy, the sum formed in float32 and
+//             rounded once to W's dtype (M1). No [W_d | b_d] copy, no float32 product in memory;
 //   backward  G_W W_d^T (out x K) by one GEMM, then dW = c3 G_W - c1 (G_W W_d^T + g_b b_d^T)
 //             elementwise, the rank-one term formed in that same pass (M3);
 //             dW_d = -c1 W^T G_W and db_d = -c1 W^T g_b by two GEMMs whose alpha = -c1 is the

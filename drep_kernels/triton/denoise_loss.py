@@ -215,7 +215,7 @@ def _grad_gemm_kernel(
     tl.store(dw_ptrs, acc, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("n_loss", "db_rows"))  # both change with M: no recompiles
 def _finalize_kernel(
     loss_part_ptr, n_loss, db_part_ptr, db_rows, K, n_hi, n_lo, loss_ptr, db_ptr,
     HAS_DB: tl.constexpr, BLOCK: tl.constexpr,
@@ -375,11 +375,13 @@ def _denoise_loss(x, denoise_weight, denoise_bias, a, s, noise, seed, compute_gr
     min_m = min(c.kwargs["BLOCK_M"] for c in _configs(loss_kern, loss_meta))
     min_n = min(c.kwargs["BLOCK_N"] for c in _configs(loss_kern, loss_meta))
     part_rows, part_cols = triton.cdiv(rows, min_m), triton.cdiv(K, min_n)
-    # One zeroed allocation (one fill launch) for both partial buffers.
+    # One zeroed allocation (one fill launch) for both partial buffers; db_part starts 16
+    # elements aligned, as its own allocation would: Triton specializes pointer arguments on
+    # 16-byte alignment, and a batch size that moved it would compile new kernel variants.
     db_shape = (chunks, part_rows, K) if compute_grad and has_bias else (chunks, 1)
-    loss_numel = chunks * part_rows * part_cols * 2
+    loss_numel = -(-chunks * part_rows * part_cols * 2 // 16) * 16
     parts = torch.zeros(loss_numel + math.prod(db_shape), dtype=cdt, device=x.device)
-    loss_part = parts[:loss_numel].view(chunks, part_rows, part_cols, 2)
+    loss_part = parts[: chunks * part_rows * part_cols * 2].view(chunks, part_rows, part_cols, 2)
     db_part = parts[loss_numel:].view(db_shape)
     xn = torch.empty((rows, K), dtype=gemm, device=x.device)
     g = torch.empty((rows, K), dtype=gemm, device=x.device) if compute_grad else xn

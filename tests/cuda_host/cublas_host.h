@@ -29,6 +29,7 @@ enum cudaDataType_t { CUDA_R_32F = 0, CUDA_R_64F = 1, CUDA_R_16F = 2, CUDA_R_16B
 using cudaDataType = cudaDataType_t;
 enum cublasComputeType_t { CUBLAS_COMPUTE_32F = 68, CUBLAS_COMPUTE_32F_FAST_TF32 = 77, CUBLAS_COMPUTE_64F = 70 };
 enum cublasGemmAlgo_t { CUBLAS_GEMM_DEFAULT = -1 };
+enum cublasMath_t { CUBLAS_DEFAULT_MATH = 0, CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION = 16 };
 
 #define TORCH_CUDABLAS_CHECK(EXPR)                                                                   \
   do {                                                                                               \
@@ -49,10 +50,14 @@ struct GemmCall {
   cudaDataType a_type, b_type, c_type;
   cublasComputeType_t compute;
   double alpha, beta;
+  bool reduced_precision_reduction;  // the handle's math mode allowed it during the call
 };
 
 inline std::mutex gemm_log_mutex;
 inline std::vector<GemmCall> gemm_log;
+// The handle's math mode (one handle, as torch's per thread and device; the kernels run on the
+// calling thread).
+inline thread_local cublasMath_t math_mode = CUBLAS_DEFAULT_MATH;
 
 inline const char* name_of(cudaDataType t) {
   switch (t) {
@@ -90,7 +95,8 @@ inline std::vector<std::string> take_gemm_calls() {
     line << "transa=" << (c.transa == CUBLAS_OP_N ? 'N' : 'T') << " transb=" << (c.transb == CUBLAS_OP_N ? 'N' : 'T')
          << " m=" << c.m << " n=" << c.n << " k=" << c.k << " lda=" << c.lda << " ldb=" << c.ldb << " ldc=" << c.ldc
          << " A=" << name_of(c.a_type) << " B=" << name_of(c.b_type) << " C=" << name_of(c.c_type)
-         << " compute=" << name_of(c.compute) << " alpha=" << c.alpha << " beta=" << c.beta;
+         << " compute=" << name_of(c.compute) << " alpha=" << c.alpha << " beta=" << c.beta
+         << " reduced_precision_reduction=" << (c.reduced_precision_reduction ? "allowed" : "off");
     lines.push_back(line.str());
   }
   gemm_log.clear();
@@ -148,6 +154,16 @@ inline at::Tensor column_major(const void* ptr, cudaDataType type, int64_t rows,
 
 }  // namespace drep_cuda_host
 
+inline cublasStatus_t cublasGetMathMode(cublasHandle_t, cublasMath_t* mode) {
+  *mode = drep_cuda_host::math_mode;
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+inline cublasStatus_t cublasSetMathMode(cublasHandle_t, cublasMath_t mode) {
+  drep_cuda_host::math_mode = mode;
+  return CUBLAS_STATUS_SUCCESS;
+}
+
 // C = alpha op(A) op(B) + beta C, column-major: op(A) m x k, op(B) k x n, C m x n.
 inline cublasStatus_t cublasGemmEx(cublasHandle_t, cublasOperation_t transa, cublasOperation_t transb, int m, int n,
                                    int k, const void* alpha, const void* A, cudaDataType Atype, int lda,
@@ -167,7 +183,9 @@ inline cublasStatus_t cublasGemmEx(cublasHandle_t, cublasOperation_t transa, cub
   const double beta_v = f64 ? *static_cast<const double*>(beta) : *static_cast<const float*>(beta);
   {
     const std::lock_guard<std::mutex> lock(gemm_log_mutex);
-    gemm_log.push_back({transa, transb, m, n, k, lda, ldb, ldc, Atype, Btype, Ctype, computeType, alpha_v, beta_v});
+    const bool reduced = (math_mode & CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION) == 0;
+    gemm_log.push_back(
+        {transa, transb, m, n, k, lda, ldb, ldc, Atype, Btype, Ctype, computeType, alpha_v, beta_v, reduced});
   }
   if (m == 0 || n == 0) {
     return CUBLAS_STATUS_SUCCESS;
