@@ -44,6 +44,21 @@ inline unsigned int blocks_for(int64_t n) {
   return static_cast<unsigned int>(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 16));
 }
 
+// The sum of s[0 .. kN) left in s[0], in a fixed order (a halving tree: the same on every run,
+// whatever the timing), for a block whose threads t < kN have each written s[t]. Every thread of
+// the block calls it: it synchronizes the block before the tree and after each level.
+template <int kN, typename T>
+__device__ __forceinline__ void block_tree_sum(T* s, int t) {
+  static_assert(kN > 0 && (kN & (kN - 1)) == 0, "the tree halves kN down to 1");
+  __syncthreads();
+  for (int half = kN / 2; half > 0; half /= 2) {
+    if (t < half) {
+      s[t] += s[t + half];
+    }
+    __syncthreads();
+  }
+}
+
 // --- GEMMs: the precision policy (docs/method.md, "Precision") in one place -----------------
 // Operands of one dtype go to cuBLAS as they are: bfloat16/float16 on tensor cores with float32
 // accumulation and a float32 result (or one in the operands' dtype, alpha A B + beta C rounded

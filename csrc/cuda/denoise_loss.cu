@@ -270,13 +270,7 @@ __global__ void __launch_bounds__(kFinalThreads)
   for (int j = 0; j < 4; ++j) {
     s_col[threadIdx.y][4 * threadIdx.x + j] = col_sum[j];
   }
-  __syncthreads();
-  for (int half = kFinalThreads / 2; half > 0; half /= 2) {
-    if (t < half) {
-      s_loss[t] += s_loss[t + half];
-    }
-    __syncthreads();
-  }
+  cuda::block_tree_sum<kFinalThreads>(s_loss, t);  // its first barrier also publishes s_col
   if (t == 0) {
     loss_part[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = s_loss[0];
   }
@@ -322,13 +316,7 @@ __global__ void __launch_bounds__(kFinalThreads)
       v += static_cast<double>(loss_part[i]);
     }
     s[t] = v;
-    __syncthreads();
-    for (int half = kFinalThreads / 2; half > 0; half /= 2) {
-      if (t < half) {
-        s[t] += s[t + half];
-      }
-      __syncthreads();
-    }
+    cuda::block_tree_sum<kFinalThreads>(s, t);
     if (t == 0) {
       const double total = (first ? 0.0 : loss_sum[0]) + s[0];
       if (last) {

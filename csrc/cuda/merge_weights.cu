@@ -120,13 +120,7 @@ __global__ void __launch_bounds__(kPrepThreads)
   }
   __shared__ acc_t s[kPrepThreads];
   s[t] = dot;
-  __syncthreads();
-  for (int half = kPrepThreads / 2; half > 0; half /= 2) {
-    if (t < half) {
-      s[t] += s[t + half];
-    }
-    __syncthreads();
-  }
+  cuda::block_tree_sum<kPrepThreads>(s, t);
   if (t == 0) {
     const acc_t bias = b != nullptr ? static_cast<acc_t>(b[row * bs]) : acc_t(0);
     merged_b[row] = static_cast<scalar_t>(bias - c1 * s[0]);
