@@ -62,9 +62,10 @@ __device__ __forceinline__ void block_tree_sum(T* s, int t) {
 // --- GEMMs: the precision policy (docs/method.md, "Precision") in one place -----------------
 // Operands of one dtype go to cuBLAS as they are: bfloat16/float16 on tensor cores with float32
 // accumulation and a float32 result (or one in the operands' dtype, alpha A B + beta C rounded
-// once from float32: the merge's W', as torch.addmm makes it); float32 in full float32, or on TF32 tensor cores exactly
-// when torch's own float32 matmuls use them; float64 in float64. gemm_compute_type decides,
-// and gemm is its only caller: every GEMM of the loss and the merge follows it. The host build
+// once from float32: the merge's W', as torch.addmm makes it); float32 in full float32, or on
+// TF32 tensor cores exactly when torch's own float32 matmuls use them; float64 in float64.
+// gemm_compute_type decides, and gemm is its only caller: every GEMM of the loss and the merge
+// follows it. The host build
 // (tests/cuda_host/cublas_host.h) runs this same code against a CPU cublasGemmEx that records
 // each call, so the tests see the very arguments a GPU run passes.
 
@@ -135,8 +136,8 @@ inline int blas_int(int64_t v, const char* what) {
   return static_cast<int>(v);
 }
 
-// While alive (and `on`): the handle's math mode with CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION
-// added; the mode before is restored by the destructor.
+// While alive (and `on`): the handle's math mode plus
+// CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION; the destructor restores the mode before.
 class ReducedPrecisionReductionOff {
  public:
   ReducedPrecisionReductionOff(cublasHandle_t handle, bool on) : handle_(handle), on_(on) {

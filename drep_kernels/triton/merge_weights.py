@@ -119,11 +119,12 @@ _CONFIGS = [
 _CONFIGS_128 = [
     triton.Config({"BLOCK_R": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_R": 8}, num_warps=8, num_stages=3)
 ] + _CONFIGS
-_DEFAULT = _CONFIGS[0]
 _INTERPRET = triton.Config({"BLOCK_R": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_R": 2}, num_warps=4, num_stages=1)
 
 
 def _autotuned(configs: list[triton.Config]):
+    """The merge kernel autotuned over ``configs``; its first is the default that
+    DREP_TRITON_AUTOTUNE=0 pins (always one the AOT check compiles)."""
     return triton.autotune(
         configs=_common.config(configs, configs[0], _INTERPRET),
         key=["R", "N", "KR", "HAS_BCOL", "HAS_ADD", "HAS_RANK1"],
