@@ -3,7 +3,6 @@ its predictions: hand-counted numbers on tiny shapes, its constants and op lists
 code and a dispatch trace, the published table up to date, predicted beside measured."""
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys
@@ -19,6 +18,7 @@ if str(ROOT) not in sys.path:  # benchmarks/ is not installed with the package (
 
 from benchmarks import baselines, costmodel, report, shapes  # noqa: E402
 from benchmarks.costmodel import loss, merge, tables  # noqa: E402
+from benchmarks.triton_aot import _float32_precision  # noqa: E402
 
 H100 = "h100-sxm"
 
@@ -159,17 +159,6 @@ def test_predict_rejects_what_it_does_not_model():
 
 # --- the model's constants and op lists are the code's ------------------------------------------
 
-@contextlib.contextmanager
-def _tf32(on: bool):
-    """torch's float32 matmuls on TF32 (``on``) or IEEE for the block, then as they were."""
-    saved = torch.backends.cuda.matmul.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = "tf32" if on else "ieee"
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = saved
-
-
 def test_triton_constants_are_the_code():
     from drep_kernels.triton import denoise_loss as tdl
     from drep_kernels.triton import merge_weights as tmw
@@ -181,7 +170,7 @@ def test_triton_constants_are_the_code():
                id(tdl._grad_kernel): tdl._GRAD_CONFIGS, id(tdl._grad_kernel_128): tdl._GRAD_CONFIGS_128}
     for name, dt in costmodel.DTYPES.items():
         gemm = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
-        with _tf32(dt.path == "tf32"):
+        with _float32_precision(torch, dt.path == "tf32"):
             loss_kern, grad_kern = tdl._kernels(gemm)
         lc, gc = shipped[id(loss_kern)][0].kwargs, shipped[id(grad_kern)][0].kwargs
         assert loss.TRITON_LOSS_TILE[dt.path] == (lc["BLOCK_M"], lc["BLOCK_N"], lc["BLOCK_K"]), name
@@ -192,7 +181,7 @@ def test_triton_constants_are_the_code():
     merge_shipped = {id(tmw._kernel): tmw._CONFIGS, id(tmw._kernel_128): tmw._CONFIGS_128}
     for name, dt in costmodel.DTYPES.items():
         gemm = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
-        with _tf32(dt.path == "tf32"):
+        with _float32_precision(torch, dt.path == "tf32"):
             kernel = tmw._kernel_for(gemm)
         mc = merge_shipped[id(kernel)][0].kwargs
         assert merge.TRITON_TILE[dt.path] == (mc["BLOCK_R"], mc["BLOCK_N"], mc["BLOCK_K"]), name

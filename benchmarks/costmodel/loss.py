@@ -28,20 +28,16 @@ def _autograd_tail(K: int, dt: Dtype, fused_cast: bool = True) -> list[Kernel]:
     (``fused_cast``), or (the designs before #12) a mul, then a cast for half-precision weights.
     (The op does not materialize gradients for its non-differentiable outputs: no K x K zeros.)"""
     half = dt.size != ACC
-    if fused_cast or not half:
-        out = dt.size if half else ACC
-        return [
-            stream("ones_like (root gradient)", 4),
-            stream("grad_loss * dL/dW_d, in the weight dtype", K * K * (ACC + out)),
-            stream("grad_loss * dL/db_d, in the weight dtype", K * (ACC + out)),
-        ]
-    return [
+    out = dt.size if half and fused_cast else ACC  # what the two muls write
+    ks = [
         stream("ones_like (root gradient)", 4),
-        stream("grad_loss * dL/dW_d", 2 * K * K * ACC),
-        stream("grad_loss * dL/db_d", 2 * K * ACC),
-        stream("dL/dW_d to the weight dtype", K * K * (ACC + dt.size)),
-        stream("dL/db_d to the weight dtype", K * (ACC + dt.size)),
+        stream("grad_loss * dL/dW_d", K * K * (ACC + out)),
+        stream("grad_loss * dL/db_d", K * (ACC + out)),
     ]
+    if half and not fused_cast:
+        ks += [stream("dL/dW_d to the weight dtype", K * K * (ACC + dt.size)),
+               stream("dL/db_d to the weight dtype", K * (ACC + dt.size))]
+    return ks
 
 
 # --- floors ------------------------------------------------------------------------------------
