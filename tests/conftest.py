@@ -117,6 +117,24 @@ def poison(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(float("nan"))
 
 
+@pytest.fixture
+def poisoned_empty():
+    """Every uninitialized allocation, the C++ ``at::empty`` of a kernel's host code included,
+    comes back filled: NaN in floating tensors, the largest value in integer ones (torch's own
+    ``fill_uninitialized_memory``, which acts under deterministic algorithms). Kernels that
+    allocate their outputs and buffers themselves are so poisoned where the test cannot reach."""
+    det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        assert torch.empty(3).isnan().all(), "torch did not poison an uninitialized tensor"
+        yield
+    finally:
+        torch.use_deterministic_algorithms(det, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
 @pytest.fixture(autouse=True)
 def _no_forced_backend(monkeypatch):
     """Tests choose backends explicitly; an outer DREP_BACKEND must not leak into them."""

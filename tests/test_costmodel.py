@@ -72,7 +72,7 @@ def test_cuda_revision_accumulates_in_place():
     """Three chunks: main adds each later chunk's K x K buffer with add_ (2 launches more, 3 K^2
     float32 each); the revision's GEMM 2 reads its K x K result instead (beta = 1)."""
     K = 1024
-    M = 3 * loss.cuda_chunk_rows(loss.CUDA_PRE12, 10**6, K)
+    M = 3 * loss.cuda_chunk_rows(loss.CUDA_PRE12, 10**6, K, costmodel.DTYPES["bfloat16"])
     main = costmodel.kernels("denoise_loss", "cuda-pre12", M=M, K=K, dtype="bfloat16", gpu=H100)
     rev = costmodel.kernels("denoise_loss", "cuda", M=M, K=K, dtype="bfloat16", gpu=H100)
     adds = [k for k in main if "add_" in k.name]

@@ -96,12 +96,23 @@ def dims(call) -> tuple[int, int, int]:
     return int(call["m"]), int(call["n"]), int(call["k"])
 
 
+def chunk_rows(m: int, k: int, dtype: torch.dtype) -> list[int]:
+    """The host build's loss chunks for an m x k input: a 16 KiB budget over x_noisy's and p's
+    bytes per element (csrc/cuda/denoise_loss.cu chunk_rows, tests/cuda_host/denoise_loss.cpp)."""
+    per_element = dtype.itemsize + (8 if dtype == torch.float64 else 4)
+    rows = min(max(16384 // per_element // k // 128 * 128, 128), m)
+    return [min(rows, m - r0) for r0 in range(0, m, rows)]
+
+
 @pytest.mark.parametrize("dtype,way", CASES, ids=CASE_IDS)
 def test_loss_gemms(host, dtype, way):
-    # 300 x 7 runs two chunks in the host build (256 + 44 rows): per chunk GEMM 1 (p = x_noisy
-    # W_d^T, beta 0) then GEMM 2 (dL/dW_d: beta 0 for the first chunk, 1 after: accumulated in
-    # place; alpha = 1 / (M K), times 2^14 for float16's scaled G').
-    m, k = 300, 7
+    # 500 x 7 runs two or more chunks in the host build (float32: 256 + 244 rows): per chunk
+    # GEMM 1 (p = x_noisy W_d^T, beta 0) then GEMM 2 (dL/dW_d: beta 0 for the first chunk, 1
+    # after: accumulated in place; alpha = 1 / (M K), times 2^14 for float16's scaled G'). G' is
+    # read where the epilogue wrote it, over p: row stride K in p's own dtype, 2 K in a half one.
+    m, k = 500, 7
+    rows = chunk_rows(m, k, dtype)
+    assert len(rows) >= 2
     g = torch.Generator().manual_seed(1)
     x, w, b = torch.randn(m, k, generator=g), torch.randn(k, k, generator=g), torch.randn(k, generator=g)
     calls(host)  # start from an empty log
@@ -109,12 +120,15 @@ def test_loss_gemms(host, dtype, way):
         host.denoise_loss_fwd(x.to(dtype), w.to(dtype), b.to(dtype), A, S, None, SEED, True)
     recorded = calls(host)
     check_types(recorded, dtype, way != "off")
-    assert [dims(c) for c in recorded] == [(k, 256, k), (k, k, 256), (k, 44, k), (k, k, 44)]
-    assert [float(c["beta"]) for c in recorded] == [0, 0, 0, 1]
+    assert [dims(c) for c in recorded] == [d for r in rows for d in ((k, r, k), (k, k, r))]
+    assert [float(c["beta"]) for c in recorded] == [0, 0] + [0, 1] * (len(rows) - 1)
     scale = 2.0**14 if dtype == torch.float16 else 1.0
-    assert float(recorded[0]["alpha"]) == float(recorded[2]["alpha"]) == 1.0
+    half = dtype in (torch.float16, torch.bfloat16)
+    for c in recorded[0::2]:
+        assert float(c["alpha"]) == 1.0
     for c in recorded[1::2]:
         assert float(c["alpha"]) == pytest.approx(scale / (m * k), rel=1e-6)
+        assert (c["transb"], int(c["ldb"])) == ("T", 2 * k if half else k), c  # cuBLAS's B: G'^T
 
 
 def test_loss_without_gradients_runs_gemm_1_only(host):
@@ -123,7 +137,7 @@ def test_loss_without_gradients_runs_gemm_1_only(host):
     host.denoise_loss_fwd(x, w, None, A, S, None, SEED, False)
     recorded = calls(host)
     check_types(recorded, torch.bfloat16, False)
-    assert [dims(c) for c in recorded] == [(7, 256, 7), (7, 44, 7)]
+    assert [dims(c) for c in recorded] == [(7, r, 7) for r in chunk_rows(300, 7, torch.bfloat16)]
 
 
 @pytest.mark.parametrize("dtype,way", CASES, ids=CASE_IDS)

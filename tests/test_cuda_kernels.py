@@ -324,8 +324,10 @@ def test_denoise_loss_noise_dtypes_no_bias_no_grad(dtype, noise_dtype):
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_denoise_loss_several_chunks(dtype):
-    """M K > 2^23: more than one chunk, the last one partial (chunk boundaries, gradient sums)."""
-    m, k = 12_001, 768
+    """More than one chunk, the last one partial (chunk boundaries, gradient sums): the 64 MiB
+    workspace holds 2^23 elements of float32 (x_noisy and p, 8 bytes), 11184810 of bfloat16
+    (x_noisy 2 bytes, p 4, G' over p): 16001 x 768 is 2 chunks either way."""
+    m, k = 16_001, 768
     x, wd, bd = _loss_inputs(m, k, dtype)
     eps = _randn(m, k, dtype=torch.float32, seed=9)
     got = torch.ops.drep.denoise_loss_fwd(x, wd, bd, A, S, eps, torch.tensor(0), True)

@@ -8,8 +8,11 @@ kernels, M1..M5) are checked on any machine, GPU or not, at every change to a .c
 What only a GPU can show (cuBLAS, the __CUDA_ARCH__ branches of csrc/philox.h, blocks running
 at the same time, speed) is left to tests/test_cuda_kernels.py.
 
-The host build gives the loss a chunk budget of 2048 elements (tests/cuda_host/denoise_loss.cpp):
-max(2048 // K // 128 * 128, 128) rows per chunk, so the shapes below run 1 to 3 chunks.
+The host build gives the loss a chunk budget of 16 KiB (tests/cuda_host/denoise_loss.cpp):
+max(16384 // (bytes of x_noisy and p per element) // K // 128 * 128, 128) rows per chunk, so the
+shapes below run 1 to 3 chunks; and its epilogue aims at 4 stripes per chunk, so that those
+chunks run stripes of 1 to 8 rows per lane (the GPU build: 512 stripes, 1 to 8 lanes over
+chunks of up to 32768 rows and more)
 The build takes about a minute on 2 cores the first time (cached per checkout afterwards).
 """
 from __future__ import annotations
@@ -27,10 +30,15 @@ from drep_kernels.backends import extension_error, kernels
 if extension_error() is not None:
     pytest.skip("drep_kernels._C is not loaded (the host build takes drep's schemas from it)", allow_module_level=True)
 
+# The kernels allocate their outputs, chunk buffers and partials with at::empty: poisoned here
+# (conftest.poisoned_empty), so an element a kernel fails to write cannot pass as leftover memory.
+pytestmark = pytest.mark.usefixtures("poisoned_empty")
+
 A, S = 0.8, 0.6  # noising scales far from 1 and 0: every term of L1 matters
 C1, C3 = 0.37, 1.02  # reverse-step scales, likewise for M1..M5
 MARGIN = 10.0
-CHUNK_ELEMS = 2048  # DREP_LOSS_CHUNK_ELEMS of tests/cuda_host/denoise_loss.cpp
+CHUNK_BYTES = 16384  # DREP_LOSS_CHUNK_BYTES of tests/cuda_host/denoise_loss.cpp
+TARGET_STRIPES = 4  # DREP_LOSS_TARGET_STRIPES, likewise
 TORCH = kernels("torch")
 SEED = torch.tensor(0, dtype=torch.int64)  # unused when noise is given
 
@@ -44,10 +52,22 @@ def host():
     return load_host_ops()
 
 
-def chunks(m: int, k: int) -> int:
-    """How many chunks the host build's loss runs for an m x k input (denoise_loss.cu chunk_rows)."""
-    rows = min(max(CHUNK_ELEMS // k // 128 * 128, 128), m)
-    return -(-m // rows)
+def chunk_rows(m: int, k: int, dtype: torch.dtype = torch.float32) -> int:
+    """Rows per chunk of the host build's loss for an m x k input (denoise_loss.cu chunk_rows):
+    the budget over x_noisy's (input dtype) and p's (accumulation dtype) bytes per element."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    per_element = dtype.itemsize + acc.itemsize
+    return min(max(CHUNK_BYTES // per_element // k // 128 * 128, 128), m)
+
+
+def chunks(m: int, k: int, dtype: torch.dtype = torch.float32) -> int:
+    """How many chunks the host build's loss runs for an m x k input."""
+    return -(-m // chunk_rows(m, k, dtype))
+
+
+def rows_per_lane(rows: int) -> int:
+    """The epilogue's rows per lane for a chunk of ``rows`` rows (denoise_loss.cu stripe_lanes)."""
+    return min(max(-(-rows // (8 * TARGET_STRIPES)), 1), 8)
 
 
 def d(t):
@@ -105,11 +125,12 @@ def check_loss(got, want, dtype, *, bias, compute_grad=True, tol=None, atol_of_l
         assert gb.shape == (0,)
 
 
-LOSS_SHAPES = [(1, 1), (7, 7), (1, 127), (127, 1), (7, 127), (127, 127), (300, 7), (257, 127), (300, 127)]
+LOSS_SHAPES = [(1, 1), (7, 7), (1, 127), (127, 1), (7, 127), (127, 127), (200, 7), (300, 7), (257, 127), (300, 127)]
 
 
 def test_loss_shapes_cover_one_to_three_chunks():
-    assert {chunks(m, k) for m, k in LOSS_SHAPES} == {1, 2, 3}
+    for dtype in (torch.float32, torch.float64):  # the dtypes they run in
+        assert {chunks(m, k, dtype) for m, k in LOSS_SHAPES} == {1, 2, 3}, dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
@@ -120,6 +141,20 @@ def test_loss_given_noise_matches_torch_backend(host, dtype, m, k, bias):
     got = host.denoise_loss_fwd(x, w, b, A, S, eps, SEED, True)
     want = TORCH.denoise_loss_fwd(d(x), d(w), d(b), A, S, d(eps), SEED, True)
     check_loss(got, want, dtype, bias=bias)
+
+
+@pytest.mark.parametrize("lanes", range(1, 9))
+def test_loss_every_stripe_height(host, lanes):
+    # One float32 chunk of 32 L - 1 rows: L rows per lane, the last stripe cut short. K = 130 where
+    # such a chunk has room for it (L <= 4): two column tiles, the second one group of two
+    # columns (G' of tile 1 lies over p's columns 64 .. 65); else K = 7.
+    m, k = 32 * lanes - 1, 130 if lanes <= 4 else 7
+    assert chunks(m, k) == 1 and rows_per_lane(m) == lanes
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w, b, eps = loss_inputs(m, k, dtype, bias=True, seed=lanes)
+        got = host.denoise_loss_fwd(x, w, b, A, S, eps, SEED, True)
+        want = TORCH.denoise_loss_fwd(d(x), d(w), d(b), A, S, d(eps), SEED, True)
+        check_loss(got, want, dtype, bias=True)
 
 
 @pytest.mark.parametrize("m,k", [(7, 7), (127, 1), (300, 7), (300, 127)])
@@ -139,7 +174,7 @@ def test_seeded_loss_equals_its_noise_given_explicitly(host, m, k):
     # The prologue and the epilogue each draw eps four at a time, in their own thread layouts:
     # both must be N1's eps[m, k] in every tile and chunk, so the seeded run is bitwise the run
     # given the epilogue hook's noise. K = 261: three 128-column epilogue tiles, the last group
-    # cut to one column; 300 rows: several 64-row tiles and three chunks.
+    # cut to one column; 300 rows: several stripes and three chunks.
     x, w, b, _ = loss_inputs(m, k, torch.float32, bias=True, seed=5)
     seed = torch.tensor(2**33 + 12345, dtype=torch.int64)
     eps = host._denoise_noise(torch.empty(0), seed, 0, m, k, True)
@@ -257,11 +292,13 @@ def test_noise_matches_rng_and_cpu_kernel(host, per_element, seed, row0, cols):
 
 
 def test_epilogue_noise_in_every_tile(host):
-    # The epilogue's layout (64 x 128 tiles, groups of four columns per thread) over 3 x 3 tiles,
-    # the last rows and group cut, at counters past 2^32: the same Philox outputs as the
-    # prologue's (bitwise: the same host arithmetic) and as rng.
+    # The epilogue's layout (stripes of whole rows, 5 rows per lane here, in 128-column tiles,
+    # groups of four columns per thread) over 4 stripes x 3 tiles, the last stripe and group cut,
+    # at counters past 2^32: the same Philox outputs as the prologue's (bitwise: the same host
+    # arithmetic) and as rng.
     seed_t = torch.tensor(2**62 + 3, dtype=torch.int64)
     row0, rows, cols = 2**38 + 5, 130, 261
+    assert rows_per_lane(rows) == 5
     epilogue = host._denoise_noise(torch.empty(0), seed_t, row0, rows, cols, True)
     prologue = host._denoise_noise(torch.empty(0), seed_t, row0, rows, cols, False)
     assert torch.equal(epilogue, prologue)

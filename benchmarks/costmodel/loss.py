@@ -243,45 +243,67 @@ class CudaLoss:
     label: str
     source: str  # where the counted code is
     epilogue_philox_per_element: float  # 1: noise_at per element; 1/4: one call per group of four
-    epilogue_tile: tuple[int, int]  # (rows, columns) per epilogue block: one loss partial each
+    # (rows, columns) per epilogue block, one loss partial and one row of column sums each; or
+    # None: one block per stripe of whole rows (stripe_rows), all columns
+    epilogue_tile: tuple[int, int] | None
     dw_accumulate: str  # "buffer+add": chunks after the first into a K x K buffer, then add_; "beta1": in place
     dw_scale_pass: bool  # dL/dW_d divided by n in its own pass (else by GEMM 2's alpha)
     bias_cast: bool  # b_d cast to float32 by a kernel before the loop (half-precision inputs)
     sum_fills: int  # fills of the float64 sums before the loop (0: the first finalize starts them)
     tail_launches: int  # after the loop: loss / n and its cast, dL/db_d / n and its cast (0: the last finalize)
     fused_cast: bool  # autograd: grad_loss * gradient written in the weight dtype (_autograd_tail)
-    chunk_elems: int = 1 << 23
+    # Chunk budget: chunk_elems elements, or (chunk_bytes) that many bytes of x_noisy and p per
+    # element (G' written over p).
+    chunk_elems: int = 0
+    chunk_bytes: int = 0
     min_chunk_rows: int = 128
 
 
 CUDA_PRE12 = CudaLoss(
     "cuda (before #12)", "csrc/cuda/denoise_loss.cu at 211e91c",
     epilogue_philox_per_element=1.0, epilogue_tile=(64, 32), dw_accumulate="buffer+add", dw_scale_pass=True,
-    bias_cast=True, sum_fills=2, tail_launches=4, fused_cast=False,
+    bias_cast=True, sum_fills=2, tail_launches=4, fused_cast=False, chunk_elems=1 << 23,
 )
 CUDA_TC = CudaLoss(
     "cuda", "csrc/cuda/denoise_loss.cu",
-    epilogue_philox_per_element=0.25, epilogue_tile=(64, 128), dw_accumulate="beta1", dw_scale_pass=False,
-    bias_cast=False, sum_fills=0, tail_launches=0, fused_cast=True,
+    epilogue_philox_per_element=0.25, epilogue_tile=None, dw_accumulate="beta1", dw_scale_pass=False,
+    bias_cast=False, sum_fills=0, tail_launches=0, fused_cast=True, chunk_bytes=64 << 20,
 )
+# The stripe epilogue (denoise_loss.cu stripe_lanes): rows per lane ceil(R / (8 x 512)), 1 to 8.
+STRIPE_TARGET, ROW_LANES, MAX_ROWS_PER_LANE = 512, 8, 8
 
 
-def cuda_chunk_rows(design: CudaLoss, M: int, K: int) -> int:
-    r = max(design.chunk_elems // K // design.min_chunk_rows * design.min_chunk_rows, design.min_chunk_rows)
-    return min(r, 65535 * design.epilogue_tile[0], M)  # the epilogue's grid.y limit
+def stripe_rows(R: int) -> int:
+    """Rows per epilogue stripe for a chunk of R rows."""
+    return ROW_LANES * min(max(math.ceil(R / (ROW_LANES * STRIPE_TARGET)), 1), MAX_ROWS_PER_LANE)
+
+
+def cuda_chunk_rows(design: CudaLoss, M: int, K: int, dt: Dtype) -> int:
+    """Rows per chunk for inputs of ``dt`` (a byte budget depends on its size)."""
+    budget = design.chunk_bytes // (dt.size + ACC) if design.chunk_bytes else design.chunk_elems  # x_noisy + p
+    r = max(budget // K // design.min_chunk_rows * design.min_chunk_rows, design.min_chunk_rows)
+    if design.epilogue_tile is not None:
+        r = min(r, 65535 * design.epilogue_tile[0])  # the epilogue's grid.y limit
+    return min(r, M)
 
 
 def cuda(design: CudaLoss, M: int, K: int, dt: Dtype, gpu: Gpu) -> list[Kernel]:
     s = dt.size
     half = dt.size != ACC
-    tr, tc = design.epilogue_tile
     ks = _seed_draw()
     if design.sum_fills:
         ks.append(stream("zeros: float64 loss and dL/db_d sums", 8 + K * 8, launches=design.sum_fills))
     if design.bias_cast and half:
         ks.append(stream("b_d to float32", K * (s + ACC)))
-    for c, R in enumerate(chunks(M, cuda_chunk_rows(design, M, K))):
-        tiles_x, tiles_y = math.ceil(K / tc), math.ceil(R / tr)
+    for c, R in enumerate(chunks(M, cuda_chunk_rows(design, M, K, dt))):
+        if design.epilogue_tile is None:  # stripes of whole rows: b_d read once per stripe
+            parts, col_rows = math.ceil(R / stripe_rows(R)), math.ceil(R / stripe_rows(R))
+            bias = parts * K * s
+        else:
+            tr, tc = design.epilogue_tile
+            tiles_x, col_rows = math.ceil(K / tc), math.ceil(R / tr)
+            parts = tiles_x * col_rows
+            bias = parts * tc * (ACC if design.bias_cast else s)
         # noisy_input_kernel: x read, x_noisy written in the GEMM dtype; one Philox call per
         # group of four columns (R ceil(K / 4) calls, grid-stride: no padding).
         ks.append(stream(f"chunk {c}: noisy_input_kernel", 2 * R * K * s, philox=R * math.ceil(K / 4)))
@@ -289,14 +311,13 @@ def cuda(design: CudaLoss, M: int, K: int, dt: Dtype, gpu: Gpu) -> list[Kernel]:
         ks.append(cublas_gemm(f"chunk {c}: GEMM 1 (cuBLAS, p float32)", R, K, K, dt, gpu,
                               hbm=R * K * s + K * K * s + R * K * ACC))
         # loss_epilogue_kernel: p read (float32), eps regenerated, G' written in the GEMM dtype
-        # (over p's buffer for float32), one loss partial per tile, column sums per 64-row tile,
-        # b_d read per tile (float32 after the cast, else the input dtype).
+        # (over p's buffer), one loss partial per block, column sums per block row (tile) or
+        # stripe, b_d read per block (float32 after the cast, else the input dtype).
         philox = R * K if design.epilogue_philox_per_element == 1.0 else R * math.ceil(K / 4)
-        bias = tiles_x * tiles_y * tc * (ACC if design.bias_cast else s)
         ks.append(stream(f"chunk {c}: loss_epilogue_kernel",
-                         R * K * (ACC + s) + tiles_x * tiles_y * ACC + tiles_y * K * ACC + bias, philox=philox))
+                         R * K * (ACC + s) + parts * ACC + col_rows * K * ACC + bias, philox=philox))
         # finalize_chunk_kernel: the partials in float64 into the running sums (read, add, write).
-        ks.append(stream(f"chunk {c}: finalize_chunk_kernel", tiles_y * K * ACC + tiles_x * tiles_y * ACC + 2 * K * 8))
+        ks.append(stream(f"chunk {c}: finalize_chunk_kernel", col_rows * K * ACC + parts * ACC + 2 * K * 8))
         # GEMM 2: dL/dW_d (+)= G'^T x_noisy, float32 result.
         in_place = design.dw_accumulate == "beta1" and c > 0
         ks.append(cublas_gemm(f"chunk {c}: GEMM 2 (cuBLAS{', beta = 1' if in_place else ''})", K, K, R, dt, gpu,

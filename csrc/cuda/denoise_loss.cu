@@ -1,22 +1,24 @@
 // CUDA kernel of drep::denoise_loss_fwd: the loss (docs/method.md, L1) and its gradients
 // dL/dW_d, dL/db_d (L2) in one pass over x, nothing of size M x K returned or kept.
 //
-// Design. x (M x K) is processed in chunks of R rows (R K <= kChunkElems = 2^23 elements, R a
-// multiple of 128 and at least 128), one after the other on the current stream. Per chunk, five
-// launches:
+// Design. x (M x K) is processed in chunks of R rows (x_noisy and p of R rows within
+// kChunkBytes = 64 MiB, R a multiple of 128 and at least 128), one after the other on the current
+// stream. Per chunk, five launches:
 //   1. noisy_input_kernel: x_noisy = a x + s eps (L1), rounded once to the input dtype (the GEMM
 //      dtype), into a chunk buffer; eps is N1's counter-based stream (csrc/philox.h), one Philox
 //      call per group of four columns, or the given noise; x and noise are read with strides.
 //   2. GEMM 1 (cuBLAS, common.cuh gemm, beta = 0): p = x_noisy W_d^T, float32 result.
-//   3. loss_epilogue_kernel: eps regenerated per group of four (one Philox call each, as in 1),
-//      D = p + b_d - eps, |D| + D^2 summed per block (fixed-order tree), G' = sign(D) + 2 D
-//      written over the chunk in the GEMM dtype, and its column sums per 64-row tile (L2).
-//   4. finalize_chunk_kernel: adds the chunk's block partials, in index order and in float64,
+//   3. loss_epilogue_kernel, one block per stripe of whole rows: eps regenerated per group of
+//      four (one Philox call each, as in 1), D = p + b_d - eps, |D| + D^2 summed per stripe
+//      (fixed-order tree), G' = sign(D) + 2 D written over p in the GEMM dtype (in place: half
+//      dtypes on the first half of each of p's rows), and its column sums per stripe (L2).
+//   4. finalize_chunk_kernel: adds the chunk's stripe partials, in a fixed order and in float64,
 //      to the running loss and dL/db_d sums (the first chunk starts them, the last writes the
 //      results divided by M K in the result dtype: no fill before the loop, no launch after).
 //   5. GEMM 2 (cuBLAS, common.cuh gemm): dL/dW_d = alpha G'^T x_noisy accumulated in float32 in
 //      place: chunk 0 writes (beta = 0), later chunks add (beta = 1), alpha = 1 / (M K) (G = G' /
-//      (M K), L2) times the float16 scale below.
+//      (M K), L2) times the float16 scale below. G' is read where the epilogue left it (row
+//      stride 2 K for half dtypes).
 // GEMM operands, results and compute types follow the policy of common.cuh (bf16/fp16 operands
 // on tensor cores with float32 accumulation; float32 in float32 or TF32 as torch's matmuls;
 // float64 in float64). Nothing is launched before or after the loop.
@@ -28,27 +30,34 @@
 //   launch (per chunk)      reads (B/elem)           writes (B/elem)      Philox calls/elem
 //   noisy_input_kernel      x 2                      x_noisy 2            1/4
 //   GEMM 1 (beta 0)         x_noisy 2 + W_d          p 4 (float32)        -
-//   loss_epilogue_kernel    p 4                      G' 2, col sums 1/16  1/4
-//   finalize_chunk_kernel   col sums 1/16            -                    -
+//   loss_epilogue_kernel    p 4                      G' 2, col sums       1/4
+//   finalize_chunk_kernel   col sums                 -                    -
 //   GEMM 2 (beta 0, then 1) G' 2 + x_noisy 2 + C     C                    -
 //
 //                                     K = 768             K = 3072
-//   rows per chunk R, chunks          10880, 2            2688, 5
-//   launches (5 per chunk)            10                  25
-//   W_d reads (2 K^2 B per chunk)     0.24 B/elem         2.44 B/elem
-//   C (4 K^2 B, then 8 K^2 per chunk) 0.73 B/elem         8.77 B/elem
-//   total HBM traffic                 21.1 B/elem         31.3 B/elem
-//                                     (204 MB)            (1.21 GB)
+//   rows per chunk R, chunks          12608, 1            3584, 4
+//   stripes per chunk (rows / lane)   394 (4)             448 (1), last 232
+//   launches (5 per chunk)            5                   20
+//   W_d reads (2 K^2 B per chunk)     0.12 B/elem         1.95 B/elem
+//   C (4 K^2 B, then 8 K^2 per chunk) 0.24 B/elem         6.82 B/elem
+//   col sums (4 K B per stripe, x2)   0.13 B/elem         0.50 B/elem
+//   total HBM traffic                 20.6 B/elem         29.8 B/elem
+//                                     (200 MB)            (1.15 GB)
 //   Philox calls                      1/2 per element (two passes of one call per four)
 //   GEMM FLOPs, each of the two       14.9 GFLOP          238 GFLOP      (2 M K^2)
-//   workspace (x_noisy 2 + p 4 + G' 2 B per chunk element, R K <= 2^23)
-//                                     63.75 MiB           63.0 MiB
-// (float32 input: 32 B/elem before the K x K terms instead of 20 (x, x_noisy and G' at 4 B), the
-// same 64 MiB bound (G' overwrites p's buffer); float64: twice float32's bytes, 128 MiB. A cuBLAS
-// call counts as one launch. Given noise: no Philox call, its bytes read twice.) Beyond the
-// workspace: the block partials, R K / 16 B per chunk (0.5 MiB), and the outputs. The C term is
-// the price of the bounded workspace: it is 8 K / R B per element for every chunk after the
-// first, so it grows as K^2 for a fixed 2^23-element chunk (R = 2^23 / K).
+//   workspace (x_noisy 2 + p 4 B per chunk element, G' over p)
+//                                     55.4 MiB            63.0 MiB
+// (float32 input: 32 B/elem before the K x K terms instead of 20 (x, x_noisy and G' at 4 B),
+// 8 B of workspace per element, so R = 2^23 / K; float64: 16 B, the same 64 MiB. A cuBLAS call
+// counts as one launch. Given noise: no Philox call, its bytes read twice.) Beyond the
+// workspace: the stripe partials, (K + 1) 4 B per stripe (at most about 3 MB at K = 3072), and
+// the outputs. The C term is the price of the bounded workspace: it is 8 K / R B per element for
+// every chunk after the first, so it grows as K^2 for a fixed budget (R = 64 MiB / (6 K)).
+// Stripes: rows per lane = ceil(R / 4096), at most 8, so a chunk has about 512 stripes (more
+// above 32768 rows): blocks enough to spread over any current GPU, column-sum partials small.
+// Compiled for sm_90 (nvcc 13.0 -Xptxas -v): the epilogue holds 96 registers for bf16 / fp16
+// (two 256-thread blocks per SM; eight rows' Philox calls in flight per thread), 64 for float32,
+// no spills; unmeasured.
 // G' is stored without the 1 / n so that fp16 does not underflow (G = G' / n would be ~1e-9 for
 // large batches); fp16 stores G' 2^-14 so that it overflows only past |D| ~ 5.4e8, and saturates
 // there (grad_to_gemm); GEMM 2's alpha undoes both.
@@ -74,20 +83,28 @@
 namespace drep {
 namespace {
 
-// Chunk buffer budget (elements). tests/cuda_host builds with a small one to run several chunks.
-#ifndef DREP_LOSS_CHUNK_ELEMS
-#define DREP_LOSS_CHUNK_ELEMS (int64_t(1) << 23)
+// Chunk workspace budget (bytes): x_noisy (input dtype) and p (float32 / float64) per element of
+// the chunk, G' written over p. tests/cuda_host builds with a small one to run several chunks.
+#ifndef DREP_LOSS_CHUNK_BYTES
+#define DREP_LOSS_CHUNK_BYTES (int64_t(64) << 20)
 #endif
-constexpr int64_t kChunkElems = DREP_LOSS_CHUNK_ELEMS;
+constexpr int64_t kChunkBytes = DREP_LOSS_CHUNK_BYTES;
 constexpr int64_t kMinChunkRows = 128;  // GEMM-friendly floor for very wide K
-// The epilogue block: 32 groups of four columns (one warp: 128 columns) by 8 row lanes, each
-// lane walking 8 rows: a 64 x 128 tile, 32 elements and 8 Philox calls per thread.
+// The epilogue block: 32 groups of four columns (one warp: a 128-column tile) by 8 row lanes,
+// each lane walking up to kMaxRowsPerLane rows of the block's stripe, the stripe's column tiles
+// one after the other.
 constexpr int kGroupLanes = 32;
 constexpr int kRowLanes = 8;
-constexpr int kRowsPerLane = 8;
+constexpr int kMaxRowsPerLane = 8;
 constexpr int kTileCols = 4 * kGroupLanes;
-constexpr int kTileRows = kRowLanes * kRowsPerLane;
-constexpr int64_t kMaxGridY = 65535;
+// Stripes per chunk the epilogue aims at (rows per lane = ceil(R / (8 x 512)), at most 8): enough
+// blocks to spread evenly over any current GPU's SMs, few enough that the column-sum partials
+// (one row of K per stripe) stay small next to the chunk. tests/cuda_host aims at 4, so that its
+// small chunks run every number of rows per lane.
+#ifndef DREP_LOSS_TARGET_STRIPES
+#define DREP_LOSS_TARGET_STRIPES 512
+#endif
+constexpr int64_t kTargetStripes = DREP_LOSS_TARGET_STRIPES;
 constexpr int kFinalThreads = 256;
 static_assert(kGroupLanes * kRowLanes == kFinalThreads, "the epilogue block tree-reduces 256 values");
 
@@ -197,124 +214,188 @@ __device__ __forceinline__ gemm_t grad_to_gemm(acc_t grad) {
   }
 }
 
-// The epilogue's thread layout, shared with the noise test hook: thread (x, y) of block (bx, by)
-// owns the group of four columns bx kGroupLanes + x and the chunk rows by kTileRows + y +
-// kRowLanes j, j < kRowsPerLane.
-struct EpilogueThread {
-  int64_t group;
-  int64_t first_row;
+// The epilogue's layout, shared with the noise test hook. Block b owns the chunk rows of stripe b,
+// b h .. b h + h - 1 with h = kRowLanes rows_per_lane, whole (all K columns): thread (x, y) owns
+// rows b h + y + kRowLanes i (i < rows_per_lane) and, in column tile c, the group of four columns
+// c kGroupLanes + x. Whole rows per block are what lets G' overwrite p in place (the kernel).
+int stripe_lanes(int64_t rows) {
+  const int64_t lanes = (rows + kRowLanes * kTargetStripes - 1) / (kRowLanes * kTargetStripes);
+  return static_cast<int>(std::clamp<int64_t>(lanes, 1, kMaxRowsPerLane));
+}
 
-  __device__ __forceinline__ static EpilogueThread here() {
-    return {static_cast<int64_t>(blockIdx.x) * kGroupLanes + threadIdx.x,
-            static_cast<int64_t>(blockIdx.y) * kTileRows + threadIdx.y};
-  }
-  __device__ __forceinline__ int64_t row(int j) const { return first_row + kRowLanes * j; }
-};
-
-dim3 epilogue_grid(int64_t rows, int64_t k) {
-  const int64_t tiles_y = (rows + kTileRows - 1) / kTileRows;
-  TORCH_CHECK(tiles_y <= kMaxGridY, "drep: ", rows, " rows exceed the epilogue's grid");
-  return dim3(static_cast<unsigned int>((k + kTileCols - 1) / kTileCols), static_cast<unsigned int>(tiles_y));
+unsigned int stripes(int64_t rows, int rows_per_lane) {
+  const int64_t h = static_cast<int64_t>(kRowLanes) * rows_per_lane;
+  return static_cast<unsigned int>((rows + h - 1) / h);
 }
 
 const dim3 kEpilogueBlock(kGroupLanes, kRowLanes);
 
-// L1 / L2 epilogue over a 64 x 128 tile of the chunk: D = p + b_d - eps; the tile's sum of
-// |D| + D^2 goes to loss_part[tile]; with g != nullptr, G' = sign(D) + 2 D (sign(0) = 0) is
-// written at p's position (through grad_to_gemm) and, with col_part != nullptr, the tile's
-// column sums of G' go to col_part[blockIdx.y, col]. g may alias p (same dtype): each element is
-// read, then written, by one thread. b_d (input dtype, stride bs) may be nullptr. All sums run in
-// a fixed order; the per-thread arrays are indexed by unrolled constants only (registers).
+struct EpilogueThread {
+  int64_t first_row;
+  int rows_per_lane;
+
+  __device__ __forceinline__ static EpilogueThread here(int rows_per_lane) {
+    return {static_cast<int64_t>(blockIdx.x) * kRowLanes * rows_per_lane + threadIdx.y, rows_per_lane};
+  }
+  __device__ __forceinline__ int64_t row(int i) const { return first_row + kRowLanes * i; }
+  // Whether lane row i exists: i < rows_per_lane and within the chunk's rows.
+  __device__ __forceinline__ bool has(int i, int64_t rows) const { return i < rows_per_lane && row(i) < rows; }
+  // How many lane rows exist (has(i) for i below it, not above).
+  __device__ __forceinline__ int lane_rows(int64_t rows) const {
+    const int64_t here = first_row < rows ? (rows - first_row + kRowLanes - 1) / kRowLanes : 0;
+    return static_cast<int>(std::min<int64_t>(rows_per_lane, here));
+  }
+  __device__ __forceinline__ static int64_t group(int64_t tile) { return tile * kGroupLanes + threadIdx.x; }
+};
+
+// L1 / L2 epilogue over one stripe of the chunk: D = p + b_d - eps; the stripe's sum of |D| + D^2
+// goes to loss_part[stripe]; with g != nullptr, G' = sign(D) + 2 D (sign(0) = 0) is written
+// (through grad_to_gemm) to g[r ldg + col] and, with col_part != nullptr, the stripe's column sums
+// of G' go to col_part[stripe, col]. b_d (input dtype, stride bs) may be nullptr.
+// G' in place: g is p's own memory, read as gemm_t. Same dtype (float32, float64): ldg = K, each
+// element read, then written, by one thread. Half dtypes: ldg = 2 K, so G' row r lies over the
+// first half of p row r (its columns c .. c + 127 over p's c / 2 .. c / 2 + 63, which other
+// threads of the block read): a column tile's G' is staged in shared memory and stored after
+// the barrier that follows the tile's reads of p. Every p value a store covers belongs to this
+// tile or an earlier one of the same rows, and the block owns its rows whole.
+// All sums run in a fixed order; the per-thread arrays are indexed by unrolled constants only.
 template <typename gemm_t, typename acc_t>
 __global__ void __launch_bounds__(kFinalThreads)
-    loss_epilogue_kernel(const acc_t* p, gemm_t* g, const gemm_t* bias, int64_t bs, NoiseSource ns, int64_t row0,
-                         int64_t rows, int64_t k, acc_t* loss_part, acc_t* col_part) {
+    loss_epilogue_kernel(const acc_t* p, gemm_t* g, int64_t ldg, const gemm_t* bias, int64_t bs, NoiseSource ns,
+                         int64_t row0, int64_t rows, int64_t k, int rows_per_lane, acc_t* loss_part,
+                         acc_t* col_part) {
+  constexpr bool kStaged = sizeof(gemm_t) < sizeof(acc_t);
+  constexpr int kStripeRows = kRowLanes * kMaxRowsPerLane;
   ns = with_seed(ns);
-  const EpilogueThread me = EpilogueThread::here();
-  const int64_t col0 = 4 * me.group;
+  const EpilogueThread me = EpilogueThread::here(rows_per_lane);
+  const int t = static_cast<int>(threadIdx.y) * kGroupLanes + static_cast<int>(threadIdx.x);
+  const int64_t stripe_row0 = static_cast<int64_t>(blockIdx.x) * kRowLanes * rows_per_lane;
+  __shared__ acc_t s_loss[kFinalThreads];
+  __shared__ acc_t s_col[kRowLanes][kTileCols];
+  __shared__ gemm_t s_g[kStaged ? kStripeRows : 1][kTileCols];
   acc_t loss = 0;
-  acc_t col_sum[4] = {0, 0, 0, 0};
-  if (col0 < k) {
-    acc_t b[4];
+  for (int64_t tile = 0; tile * kTileCols < k; ++tile) {
+    const int64_t group = EpilogueThread::group(tile);
+    const int64_t col0 = 4 * group;
+    acc_t col_sum[4] = {0, 0, 0, 0};
+    if (col0 < k) {
+      acc_t b[4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      b[j] = bias != nullptr && col0 + j < k ? static_cast<acc_t>(bias[(col0 + j) * bs]) : acc_t(0);
+      for (int j = 0; j < 4; ++j) {
+        b[j] = bias != nullptr && col0 + j < k ? static_cast<acc_t>(bias[(col0 + j) * bs]) : acc_t(0);
+      }
+      // The lane's rows, walked by increments from its first: nothing per row is invariant over
+      // the tile loop for the compiler to keep in registers across it (8 rows of 64-bit
+      // addresses and counters, which cost 40 registers in an indexed form).
+      const int n_here = me.lane_rows(rows);
+      int64_t pi = me.first_row * k + col0;
+      int64_t gi = me.first_row * ldg + col0;
+      int64_t m = row0 + me.first_row;
+#pragma unroll
+      for (int i = 0; i < kMaxRowsPerLane; ++i) {
+        if (i < n_here) {
+          acc_t e[4];
+          noise_group(ns, m, group, e);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            if (col0 + j < k) {
+              const acc_t d = p[pi + j] + b[j] - e[j];
+              loss += (d < acc_t(0) ? -d : d) + d * d;
+              const acc_t grad = (d > acc_t(0) ? acc_t(1) : (d < acc_t(0) ? acc_t(-1) : acc_t(0))) + acc_t(2) * d;
+              col_sum[j] += grad;
+              if (g != nullptr) {
+                if constexpr (kStaged) {
+                  s_g[threadIdx.y + kRowLanes * i][4 * threadIdx.x + j] = grad_to_gemm<gemm_t>(grad);
+                } else {
+                  g[gi + j] = grad_to_gemm<gemm_t>(grad);
+                }
+              }
+            }
+          }
+        }
+        pi += kRowLanes * k;
+        gi += kRowLanes * ldg;
+        m += kRowLanes;
+      }
     }
 #pragma unroll
-    for (int i = 0; i < kRowsPerLane; ++i) {
-      const int64_t r = me.row(i);
-      if (r < rows) {
-        acc_t e[4];
-        noise_group(ns, row0 + r, me.group, e);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          if (col0 + j < k) {
-            const int64_t at = r * k + col0 + j;
-            const acc_t d = p[at] + b[j] - e[j];
-            loss += (d < acc_t(0) ? -d : d) + d * d;
-            const acc_t grad = (d > acc_t(0) ? acc_t(1) : (d < acc_t(0) ? acc_t(-1) : acc_t(0))) + acc_t(2) * d;
-            col_sum[j] += grad;
-            if (g != nullptr) {
-              g[at] = grad_to_gemm<gemm_t>(grad);
-            }
+    for (int j = 0; j < 4; ++j) {
+      s_col[threadIdx.y][4 * threadIdx.x + j] = col_sum[j];
+    }
+    __syncthreads();  // the tile's p is read (G' may cover it); s_g and s_col are complete
+    if constexpr (kStaged) {
+      if (g != nullptr) {  // the staged tile, 128 contiguous columns per row
+        for (int e = t; e < kRowLanes * rows_per_lane * kTileCols; e += kFinalThreads) {
+          const int row = e / kTileCols, c = e % kTileCols;
+          const int64_t r = stripe_row0 + row, col = tile * kTileCols + c;
+          if (r < rows && col < k) {
+            g[r * ldg + col] = s_g[row][c];
           }
         }
       }
     }
-  }
-  __shared__ acc_t s_loss[kFinalThreads];
-  __shared__ acc_t s_col[kRowLanes][kTileCols];
-  const int t = static_cast<int>(threadIdx.y) * kGroupLanes + static_cast<int>(threadIdx.x);
-  s_loss[t] = loss;
+    // One thread per column of the tile adds its row lanes in order.
+    const int64_t col = tile * kTileCols + t;
+    if (col_part != nullptr && t < kTileCols && col < k) {
+      acc_t c = 0;
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    s_col[threadIdx.y][4 * threadIdx.x + j] = col_sum[j];
-  }
-  cuda::block_tree_sum<kFinalThreads>(s_loss, t);  // its first barrier also publishes s_col
-  if (t == 0) {
-    loss_part[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = s_loss[0];
-  }
-  // One thread per column of the tile adds its row lanes in order.
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * kTileCols + t;
-  if (col_part != nullptr && t < kTileCols && col < k) {
-    acc_t c = 0;
-#pragma unroll
-    for (int lane = 0; lane < kRowLanes; ++lane) {
-      c += s_col[lane][t];
+      for (int lane = 0; lane < kRowLanes; ++lane) {
+        c += s_col[lane][t];
+      }
+      col_part[static_cast<int64_t>(blockIdx.x) * k + col] = c;
     }
-    col_part[static_cast<int64_t>(blockIdx.y) * k + col] = c;
+    __syncthreads();  // s_g and s_col are read before the next tile writes them
+  }
+  s_loss[t] = loss;
+  cuda::block_tree_sum<kFinalThreads>(s_loss, t);
+  if (t == 0) {
+    loss_part[blockIdx.x] = s_loss[0];
   }
 }
 
-// Adds one chunk's partials to the running sums, in float64 and in index order: every block
-// does its columns of col_part (tiles in order) into grad_bias_sum; block 0 also reduces
-// loss_part (strided per thread, then a fixed tree) into loss_sum[0]. The first chunk starts
-// the sums (no fill launch before the loop); the last writes the results, loss_sum / n and
+// Adds one chunk's partials to the running sums, in float64 and in a fixed order. Block b does
+// columns 32 b .. 32 b + 31 of col_part into grad_bias_sum: thread (x, y) adds the stripes y,
+// y + 8, ... of column 32 b + x in order, then row lane 0 adds the 8 lane sums in order (32
+// columns per warp: each warp reads 128 contiguous bytes per stripe). Block 0 also reduces
+// loss_part (strided per thread, then a fixed tree) into loss_sum[0]. The first chunk starts the
+// sums (no fill launch before the loop); the last writes the results, loss_sum / n and
 // grad_bias_sum / n in acc_t (no division or cast launch after it). One chunk: both.
 template <typename acc_t>
 __global__ void __launch_bounds__(kFinalThreads)
     finalize_chunk_kernel(const acc_t* loss_part, int64_t n_loss, double* loss_sum, const acc_t* col_part,
-                          int64_t n_tiles, int64_t k, double* grad_bias_sum, bool first, bool last, double n,
+                          int64_t n_stripes, int64_t k, double* grad_bias_sum, bool first, bool last, double n,
                           acc_t* loss_out, acc_t* grad_bias_out) {
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * kFinalThreads + threadIdx.x;
-  if (col_part != nullptr && col < k) {
-    double c = first ? 0.0 : grad_bias_sum[col];
-    for (int64_t tile = 0; tile < n_tiles; ++tile) {
-      c += static_cast<double>(col_part[tile * k + col]);
+  const int t = static_cast<int>(threadIdx.y) * kGroupLanes + static_cast<int>(threadIdx.x);
+  __shared__ double s[kFinalThreads];
+  if (col_part != nullptr) {  // uniform per launch: every thread reaches the barrier
+    const int64_t col = static_cast<int64_t>(blockIdx.x) * kGroupLanes + threadIdx.x;
+    double c = 0;
+    if (col < k) {
+      for (int64_t stripe = threadIdx.y; stripe < n_stripes; stripe += kRowLanes) {
+        c += static_cast<double>(col_part[stripe * k + col]);
+      }
     }
-    if (last) {
-      grad_bias_out[col] = static_cast<acc_t>(c / n);
-    } else {
-      grad_bias_sum[col] = c;
+    s[t] = c;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < k) {
+      double total = first ? 0.0 : grad_bias_sum[col];
+#pragma unroll
+      for (int lane = 0; lane < kRowLanes; ++lane) {
+        total += s[lane * kGroupLanes + threadIdx.x];
+      }
+      if (last) {
+        grad_bias_out[col] = static_cast<acc_t>(total / n);
+      } else {
+        grad_bias_sum[col] = total;
+      }
     }
   }
-  if (blockIdx.x == 0) {  // uniform per block: the __syncthreads below are reached by all its threads
-    __shared__ double s[kFinalThreads];
+  if (blockIdx.x == 0) {  // uniform per block: the barriers below are reached by all its threads
     double v = 0;
-    const int t = static_cast<int>(threadIdx.x);
     for (int64_t i = t; i < n_loss; i += kFinalThreads) {
       v += static_cast<double>(loss_part[i]);
     }
+    __syncthreads();  // s is free again (the column sums above have read it)
     s[t] = v;
     cuda::block_tree_sum<kFinalThreads>(s, t);
     if (t == 0) {
@@ -344,12 +425,11 @@ int noise_kind(at::ScalarType t) {
   return -1;  // unreachable
 }
 
-// Rows per chunk: the element budget, a multiple of 128 (at least 128), within the epilogue's
-// grid.y limit, and never more than M.
-int64_t chunk_rows(int64_t m, int64_t k) {
-  int64_t r = std::max<int64_t>(kChunkElems / k / kMinChunkRows * kMinChunkRows, kMinChunkRows);
-  r = std::min<int64_t>(r, kMaxGridY * kTileRows);
-  return std::min<int64_t>(r, m);
+// Rows per chunk: the workspace budget over x_noisy's and p's bytes per element (6 for bf16 /
+// fp16, 8 for float32, 16 for float64), a multiple of 128 (at least 128), never more than M.
+int64_t chunk_rows(int64_t m, int64_t k, int64_t bytes_per_element) {
+  const int64_t r = kChunkBytes / bytes_per_element / k / kMinChunkRows * kMinChunkRows;
+  return std::min<int64_t>(std::max<int64_t>(r, kMinChunkRows), m);
 }
 
 template <typename scalar_t>
@@ -365,16 +445,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_loss_chunks(
   const bool bias_grad = compute_grad && has_bias;
   const auto stream = at::cuda::getCurrentCUDAStream();
 
-  const int64_t rows_max = chunk_rows(m, k);
-  const dim3 grid_max = epilogue_grid(rows_max, k);
+  const int64_t rows_max = chunk_rows(m, k, sizeof(scalar_t) + sizeof(acc_t));
+  // Stripes of a full chunk and of the last, partial one (it may have more: fewer rows per lane).
+  const auto chunk_stripes = [](int64_t rows) { return static_cast<int64_t>(stripes(rows, stripe_lanes(rows))); };
+  const int64_t stripes_max = std::max(chunk_stripes(rows_max), m % rows_max ? chunk_stripes(m % rows_max) : 0);
   at::Tensor x_noisy = at::empty({rows_max, k}, x.options());
   at::Tensor p = at::empty({rows_max, k}, opts);
+  // G' in place over p (loss_epilogue_kernel): p itself (same dtype), or the first half of each of
+  // p's rows read as the input dtype (row stride 2 K).
   at::Tensor g;
   if (compute_grad) {
-    g = std::is_same_v<scalar_t, acc_t> ? p : at::empty({rows_max, k}, x.options());
+    g = std::is_same_v<scalar_t, acc_t> ? p : p.view(x.scalar_type()).narrow(1, 0, k);
   }
-  at::Tensor loss_part = at::empty({static_cast<int64_t>(grid_max.x) * grid_max.y}, opts);
-  at::Tensor col_part = bias_grad ? at::empty({static_cast<int64_t>(grid_max.y), k}, opts) : at::Tensor();
+  at::Tensor loss_part = at::empty({stripes_max}, opts);
+  at::Tensor col_part = bias_grad ? at::empty({stripes_max, k}, opts) : at::Tensor();
   // The running float64 sums (started by the first chunk's finalize: no fill) and the results.
   at::Tensor loss_sum = at::empty({1}, x.options().dtype(at::kDouble));
   at::Tensor grad_bias_sum = bias_grad ? at::empty({k}, x.options().dtype(at::kDouble)) : at::Tensor();
@@ -397,17 +481,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_loss_chunks(
 
     cuda::gemm(p_c, x_noisy_c, denoise_weight.t());  // L1: p = x_noisy W_d^T (b_d added in the epilogue)
 
-    const dim3 grid = epilogue_grid(rows, k);
-    DREP_LAUNCH(grid, kEpilogueBlock, 0, stream, loss_epilogue_kernel<scalar_t, acc_t>)(
+    const int lanes = stripe_lanes(rows);
+    const unsigned int n_stripes = stripes(rows, lanes);
+    DREP_LAUNCH(n_stripes, kEpilogueBlock, 0, stream, loss_epilogue_kernel<scalar_t, acc_t>)(
         p_c.const_data_ptr<acc_t>(), compute_grad ? g.mutable_data_ptr<scalar_t>() : nullptr,
-        has_bias ? denoise_bias->const_data_ptr<scalar_t>() : nullptr, has_bias ? denoise_bias->stride(0) : 0, ns,
-        row0, rows, k, loss_part.mutable_data_ptr<acc_t>(), bias_grad ? col_part.mutable_data_ptr<acc_t>() : nullptr);
+        compute_grad ? g.stride(0) : 0, has_bias ? denoise_bias->const_data_ptr<scalar_t>() : nullptr,
+        has_bias ? denoise_bias->stride(0) : 0, ns, row0, rows, k, lanes, loss_part.mutable_data_ptr<acc_t>(),
+        bias_grad ? col_part.mutable_data_ptr<acc_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    const auto final_blocks = static_cast<unsigned int>((k + kFinalThreads - 1) / kFinalThreads);
-    DREP_LAUNCH(final_blocks, kFinalThreads, 0, stream, finalize_chunk_kernel<acc_t>)(
-        loss_part.const_data_ptr<acc_t>(), static_cast<int64_t>(grid.x) * grid.y, loss_sum.mutable_data_ptr<double>(),
-        bias_grad ? col_part.const_data_ptr<acc_t>() : nullptr, grid.y, k,
+    const auto final_blocks = static_cast<unsigned int>((k + kGroupLanes - 1) / kGroupLanes);
+    DREP_LAUNCH(final_blocks, kEpilogueBlock, 0, stream, finalize_chunk_kernel<acc_t>)(
+        loss_part.const_data_ptr<acc_t>(), n_stripes, loss_sum.mutable_data_ptr<double>(),
+        bias_grad ? col_part.const_data_ptr<acc_t>() : nullptr, n_stripes, k,
         bias_grad ? grad_bias_sum.mutable_data_ptr<double>() : nullptr, row0 == 0, row0 + rows == m, n,
         loss.mutable_data_ptr<acc_t>(), bias_grad ? grad_bias.mutable_data_ptr<acc_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -477,23 +563,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_loss_fwd_cuda(
 
 // eps as the loss epilogue draws it: its thread layout and noise_group (test hook only).
 __global__ void __launch_bounds__(kFinalThreads)
-    epilogue_noise_kernel(NoiseSource ns, int64_t row0, int64_t rows, float* out) {
+    epilogue_noise_kernel(NoiseSource ns, int64_t row0, int64_t rows, int rows_per_lane, float* out) {
   ns = with_seed(ns);
-  const EpilogueThread me = EpilogueThread::here();
-  const int64_t col0 = 4 * me.group;
-  if (col0 >= ns.k) {
-    return;
-  }
+  const EpilogueThread me = EpilogueThread::here(rows_per_lane);
+  for (int64_t tile = 0; tile * kTileCols < ns.k; ++tile) {
+    const int64_t group = EpilogueThread::group(tile);
+    const int64_t col0 = 4 * group;
+    if (col0 >= ns.k) {
+      continue;
+    }
 #pragma unroll
-  for (int i = 0; i < kRowsPerLane; ++i) {
-    const int64_t r = me.row(i);
-    if (r < rows) {
-      float e[4];
-      noise_group(ns, row0 + r, me.group, e);
+    for (int i = 0; i < kMaxRowsPerLane; ++i) {
+      if (me.has(i, rows)) {
+        const int64_t r = me.row(i);
+        float e[4];
+        noise_group(ns, row0 + r, group, e);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        if (col0 + j < ns.k) {
-          out[r * ns.k + col0 + j] = e[j];
+        for (int j = 0; j < 4; ++j) {
+          if (col0 + j < ns.k) {
+            out[r * ns.k + col0 + j] = e[j];
+          }
         }
       }
     }
@@ -519,8 +608,9 @@ at::Tensor denoise_noise_cuda(const at::Tensor& like, const at::Tensor& seed, in
   ns.k = cols;
   const auto stream = at::cuda::getCurrentCUDAStream();
   if (per_element) {
-    DREP_LAUNCH(epilogue_grid(rows, cols), kEpilogueBlock, 0, stream, epilogue_noise_kernel)(
-        ns, row0, rows, out.mutable_data_ptr<float>());
+    const int lanes = stripe_lanes(rows);
+    DREP_LAUNCH(stripes(rows, lanes), kEpilogueBlock, 0, stream, epilogue_noise_kernel)(
+        ns, row0, rows, lanes, out.mutable_data_ptr<float>());
   } else {
     const at::Tensor zero = at::zeros({1}, opts);  // x, read with strides 0
     const unsigned int blocks = cuda::blocks_for(rows * ((cols + 3) / 4));
