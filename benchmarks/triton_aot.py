@@ -101,13 +101,13 @@ def _entries(torch, dtype) -> list[tuple[str, str, Callable[[], object], list[Op
 
     def loss_call(noise, grad, chunk_rows=None):
         def call():
-            saved = denoise_loss.CHUNK_ELEMS
+            saved = denoise_loss.CHUNK_BYTES
             if chunk_rows is not None:
-                denoise_loss.CHUNK_ELEMS = chunk_rows * _K
+                denoise_loss.CHUNK_BYTES = chunk_rows * _K * 2 * x.dtype.itemsize
             try:
                 return denoise_loss.denoise_loss_fwd(x, wd, bd, 0.9, 0.1, noise, seed, grad)
             finally:
-                denoise_loss.CHUNK_ELEMS = saved
+                denoise_loss.CHUNK_BYTES = saved
 
         return call
 

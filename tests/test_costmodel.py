@@ -163,7 +163,7 @@ def test_triton_constants_are_the_code():
     from drep_kernels.triton import denoise_loss as tdl
     from drep_kernels.triton import merge_weights as tmw
 
-    assert loss.TRITON_CHUNK_ELEMS == tdl.CHUNK_ELEMS and loss.TRITON_ROW_QUANTUM == tdl._ROW_QUANTUM
+    assert loss.TRITON_CHUNK_BYTES == tdl.CHUNK_BYTES and loss.TRITON_ROW_QUANTUM == tdl._ROW_QUANTUM
     assert loss.TRITON_NOISY_TILE == (tdl._NOISY_CONFIG["BLOCK_M"], tdl._NOISY_CONFIG["BLOCK_K"])
     # The shipped lists (the kernels' own configs are the interpreter's one under TRITON_INTERPRET).
     shipped = {id(tdl._loss_kernel): tdl._LOSS_CONFIGS, id(tdl._loss_kernel_128): tdl._LOSS_CONFIGS_128,
@@ -186,7 +186,8 @@ def test_triton_constants_are_the_code():
         mc = merge_shipped[id(kernel)][0].kwargs
         assert merge.TRITON_TILE[dt.path] == (mc["BLOCK_R"], mc["BLOCK_N"], mc["BLOCK_K"]), name
     for M, K in [(100, 60), (12608, 768), (25216, 3072), (197, 40000)]:
-        assert loss.triton_chunk_rows(M, K) == tdl.chunk_rows(M, K)
+        for size in (2, 4):
+            assert loss.triton_chunk_rows(M, K, size) == tdl.chunk_rows(M, K, size)
 
 
 def test_shapes_are_the_benchmarks():
@@ -216,13 +217,13 @@ def test_triton_launches_are_the_code(monkeypatch):
 
     for attr in ("_noisy_input_kernel", "_loss_kernel", "_grad_kernel", "_loss_kernel_128", "_grad_kernel_128"):
         monkeypatch.setattr(tdl, attr, Counting(getattr(tdl, attr), attr.removesuffix("_128")))
-    chunk_elems = 128 * 64
-    monkeypatch.setattr(tdl, "CHUNK_ELEMS", chunk_elems)
+    chunk_bytes = 128 * 64 * 2 * 4  # 128-row chunks of float32
+    monkeypatch.setattr(tdl, "CHUNK_BYTES", chunk_bytes)
     M, K = 300, 64
     x = torch.randn(M, K)
     w = torch.randn(K, K) / 8
     tdl.denoise_loss_fwd(x, w, torch.randn(K), 0.9, 0.1, None, torch.tensor(5), True)
-    model = loss.triton(M, K, costmodel.DTYPES["float32"], costmodel.GPUS[H100], chunk_elems=chunk_elems)
+    model = loss.triton(M, K, costmodel.DTYPES["float32"], costmodel.GPUS[H100], chunk_bytes=chunk_bytes)
     names = {"_noisy_input_kernel": "_noisy_input_kernel", "_loss_kernel": "_loss_gemm_kernel",
              "_grad_kernel": "_grad_gemm_kernel"}
     counted = [names[n] for n in launched]

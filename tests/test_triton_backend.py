@@ -206,7 +206,7 @@ def test_denoise_loss_final_sums_over_several_programs(monkeypatch, dtype):
     from drep_kernels.triton import denoise_loss as tdl
 
     monkeypatch.setattr(tdl, "_FINALIZE_BLOCK", 16)
-    monkeypatch.setattr(tdl, "CHUNK_ELEMS", 128 * 33)
+    monkeypatch.setattr(tdl, "CHUNK_BYTES", 128 * 33 * 2 * dtype.itemsize)
     x, w, b, eps = _denoise_inputs(300, 33, dtype)
     a, s = _scales(dtype)
     got = kernels("triton").denoise_loss_fwd(x, w, b, a, s, eps, torch.tensor(0), True)
@@ -217,14 +217,14 @@ def test_denoise_loss_final_sums_over_several_programs(monkeypatch, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_denoise_loss_in_chunks(monkeypatch, dtype):
-    """Several row chunks (the budget lowered to 2048 elements: 128-row chunks at K = 16, the last
-    one partial): the noise and the partial sums keep their rows' global positions, dL/dW_d is
+    """Several row chunks (the budget lowered to 2048 elements of each buffer: 128-row chunks at
+    K = 16, the last one partial): the noise and the partial sums keep their rows' global positions, dL/dW_d is
     written by the first chunk and added to by the others."""
     from drep_kernels.triton import denoise_loss as tdl
 
-    monkeypatch.setattr(tdl, "CHUNK_ELEMS", 2048)
+    monkeypatch.setattr(tdl, "CHUNK_BYTES", 2048 * 2 * dtype.itemsize)
     M, K = 300, 16
-    assert tdl.chunk_rows(M, K) == 128
+    assert tdl.chunk_rows(M, K, dtype.itemsize) == 128
     x, w, b, eps = _denoise_inputs(M, K, dtype)
     seed = torch.tensor(99)
     a, s = _scales(dtype)

@@ -82,11 +82,11 @@ def test_the_autotuning_call_returns_the_right_weight_gradient(monkeypatch):
     # Two row chunks: the second chunk's dW_d GEMM adds to dW_d in place, and its tuning (a new
     # key: ACCUMULATE) runs both configs before the real launch. dW_d must be restored after
     # each timed run, or the first call's dW_d holds that chunk's part three times.
-    monkeypatch.setattr(tdl, "CHUNK_ELEMS", 128 * 40)
+    monkeypatch.setattr(tdl, "CHUNK_BYTES", 128 * 40 * 2 * 4)
     timer, timed = _losing_first()
     grad_kern = tdl.grad_kernel([GRAD_SMALL, GRAD_BIG], do_bench=timer)
     x, w, b, eps = _inputs(200, 40)
-    assert tdl.chunk_rows(200, 40) == 128
+    assert tdl.chunk_rows(200, 40, 4) == 128
     got = tdl._denoise_loss(x, w, b, A, S, eps, torch.tensor(0), True, tdl.loss_kernel([LOSS_BIG]), grad_kern)
     assert timed == [0, 1, 2, 3] and grad_kern.best_config is GRAD_BIG  # tuned for chunk 0, then for the others
     _check(got, x, w, b, eps)
@@ -149,7 +149,7 @@ def test_a_new_seed_or_batch_size_compiles_no_new_kernel(kernel):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_compile_cache_gains_nothing_after_new_seeds_and_batch_sizes(monkeypatch):
-    monkeypatch.setattr(tdl, "CHUNK_ELEMS", 128 * 64)  # 128-row chunks
+    monkeypatch.setattr(tdl, "CHUNK_BYTES", 128 * 64 * 2 * 4)  # 128-row chunks of float32
     kernels = (tdl._noisy_input_kernel, tdl._loss_gemm_kernel, tdl._grad_gemm_kernel)
 
     def cached():

@@ -198,7 +198,7 @@ def test_loss_chunks_race_free(monkeypatch, M, K, chunks):
     # chunk checked, the dW_d GEMM of the later chunks adding to dW_d in place.
     from drep_kernels.triton import denoise_loss as tdl
 
-    monkeypatch.setattr(tdl, "CHUNK_ELEMS", 128 * K)
+    monkeypatch.setattr(tdl, "CHUNK_BYTES", 128 * K * 2 * F32.itemsize)
     x, w, b, _ = tb._denoise_inputs(M, K, F32)
     with record_stores() as launches:
         kernels("triton").denoise_loss_fwd(x, w, b, A, S, None, torch.tensor(5), True)
@@ -303,7 +303,7 @@ def test_denoise_loss_in_chunks_vs_oracle_any_order(monkeypatch, M, K, dtype, re
     # 128-row chunks, K a multiple of every block: the later chunks' dW_d GEMM adds to dW_d.
     from drep_kernels.triton import denoise_loss as tdl
 
-    monkeypatch.setattr(tdl, "CHUNK_ELEMS", 128 * K)
+    monkeypatch.setattr(tdl, "CHUNK_BYTES", 128 * K * 2 * dtype.itemsize)
     with _maybe_reversed(reverse):
         tb.test_denoise_loss_kernel_vs_oracle(M, K, dtype, True)
 

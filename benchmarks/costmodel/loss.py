@@ -118,7 +118,7 @@ def eager(M: int, K: int, dt: Dtype, gpu: Gpu) -> list[Kernel]:
 
 # --- triton (drep_kernels/triton/denoise_loss.py, issue 12 design) ------------------------------
 # Constants as shipped (tests/test_costmodel.py checks them against the module).
-TRITON_CHUNK_ELEMS = 1 << 23
+TRITON_CHUNK_BYTES = 64 << 20  # x_noisy and G' per element, in the GEMM dtype
 TRITON_ROW_QUANTUM = 128
 TRITON_NOISY_TILE = (16, 128)  # _NOISY_CONFIG: BLOCK_M, BLOCK_K
 # The first (default) configs per GEMM path (denoise_loss._kernels): Dtype.path -> tile.
@@ -127,8 +127,10 @@ TRITON_GRAD_TILE = {"tc16": (128, 64, 32), "tf32": (128, 64, 32), "fma": (128, 6
 TRITON_PART_BLOCK = 64  # the smallest BLOCK_M / BLOCK_N of the configs: sizes the partial buffers
 
 
-def triton_chunk_rows(M: int, K: int, chunk_elems: int = TRITON_CHUNK_ELEMS) -> int:
-    return min(M, max(chunk_elems // K // TRITON_ROW_QUANTUM * TRITON_ROW_QUANTUM, TRITON_ROW_QUANTUM))
+def triton_chunk_rows(M: int, K: int, size: int, chunk_bytes: int = TRITON_CHUNK_BYTES) -> int:
+    """Rows per chunk for a GEMM dtype of ``size`` bytes."""
+    elems = chunk_bytes // (2 * size)
+    return min(M, max(elems // K // TRITON_ROW_QUANTUM * TRITON_ROW_QUANTUM, TRITON_ROW_QUANTUM))
 
 
 def chunks(M: int, rows: int) -> list[int]:
@@ -136,9 +138,9 @@ def chunks(M: int, rows: int) -> list[int]:
     return [min(rows, M - r0) for r0 in range(0, M, rows)]
 
 
-def triton(M: int, K: int, dt: Dtype, gpu: Gpu, chunk_elems: int = TRITON_CHUNK_ELEMS) -> list[Kernel]:
+def triton(M: int, K: int, dt: Dtype, gpu: Gpu, chunk_bytes: int = TRITON_CHUNK_BYTES) -> list[Kernel]:
     s = dt.size
-    rows = triton_chunk_rows(M, K, chunk_elems)
+    rows = triton_chunk_rows(M, K, s, chunk_bytes)
     parts = chunks(M, rows)
     part_rows, part_cols = math.ceil(rows / TRITON_PART_BLOCK), math.ceil(K / TRITON_PART_BLOCK)
     loss_part = len(parts) * part_rows * part_cols * 2 * ACC

@@ -1,7 +1,7 @@
 """Triton denoising loss (docs/method.md, L1 and L2): three tensor-core launches per row chunk.
 
-x (M x K) is processed in chunks of R rows (R K <= ``CHUNK_ELEMS``, R a multiple of 128), in
-order. Per chunk, with GEMM dtype T (the input dtype, ``drep_kernels.precision``):
+x (M x K) is processed in chunks of R rows (x_noisy and G' of R rows within ``CHUNK_BYTES``,
+R a multiple of 128), in order. Per chunk, with GEMM dtype T (the input dtype, ``drep_kernels.precision``):
 
 1. ``_noisy_input_kernel``: x_noisy = a x + s eps (L1) formed in float32 (float64), rounded
    once to T into the chunk buffer (R x K, row-major). eps is N1's stream, tl.randn4x: one
@@ -24,8 +24,8 @@ Per element of x (bf16): x read once (2 B) and the noise drawn once in step 1; x
 (2 B) and read by both GEMMs; eps drawn once more in step 2's epilogue; G' written (2 B) and
 read once. Two Philox calls per four elements in all, 2 M K^2 FLOPs per GEMM, three launches
 per chunk plus two. Nothing of size M x K outlives the call; the workspace is two R x K buffers
-in T (at most 32 MiB for bf16 / fp16, 64 MiB float32, 128 MiB float64), the K x K result and
-per-program partial sums. benchmarks/costmodel counts the same per shape.
+in T (together at most 64 MiB: 2^24 elements of bf16 / fp16, 2^23 of float32, 2^22 of
+float64), the K x K result and per-program partial sums. benchmarks/costmodel counts the same per shape.
 
 Determinism: no atomics. Every program writes its own partial-sum cells, which
 ``_finalize_kernel`` sums in a fixed order (loops over a fixed-shape buffer); each dW_d tile is
@@ -47,9 +47,9 @@ from .. import precision, rng
 from . import _common
 from ._common import dot, grouped_tile, join_scalar, rounded, tl_dtype
 
-# Chunk budget in elements (rows are a multiple of 128, at least 128). Tests lower it to run
-# several chunks on small shapes.
-CHUNK_ELEMS = 1 << 23
+# Chunk budget in bytes of the two chunk buffers, x_noisy and G' in the GEMM dtype (rows are a
+# multiple of 128, at least 128). Tests lower it to run several chunks on small shapes.
+CHUNK_BYTES = 64 << 20
 _ROW_QUANTUM = 128  # chunk rows are a multiple of every BLOCK_M: row blocks never straddle chunks
 
 
@@ -317,9 +317,11 @@ def _kernels(gemm: torch.dtype):
     return (_loss_kernel_128 if half else _loss_kernel), (_grad_kernel_128 if tensor_cores else _grad_kernel)
 
 
-def chunk_rows(M: int, K: int) -> int:
-    """Rows per chunk: the element budget, a multiple of 128 (at least 128), at most M."""
-    return min(M, max(CHUNK_ELEMS // K // _ROW_QUANTUM * _ROW_QUANTUM, _ROW_QUANTUM))
+def chunk_rows(M: int, K: int, itemsize: int) -> int:
+    """Rows per chunk for a GEMM dtype of ``itemsize`` bytes: the budget over x_noisy's and G''s
+    bytes per element, a multiple of 128 (at least 128), at most M."""
+    elems = CHUNK_BYTES // (2 * itemsize)
+    return min(M, max(elems // K // _ROW_QUANTUM * _ROW_QUANTUM, _ROW_QUANTUM))
 
 
 def denoise_loss_fwd(
@@ -365,7 +367,7 @@ def _denoise_loss(x, denoise_weight, denoise_bias, a, s, noise, seed, compute_gr
             return loss, empty(), empty()
         return loss, x.new_zeros((K, K), dtype=cdt), (x.new_zeros(K, dtype=cdt) if has_bias else empty())
 
-    rows = chunk_rows(M, K)
+    rows = chunk_rows(M, K, gemm.itemsize)
     if rows * K >= 2**31:
         raise ValueError(f"K = {K} is too wide for the triton loss (a {rows}-row chunk passes 2^31 elements)")
     chunks = triton.cdiv(M, rows)
