@@ -498,13 +498,14 @@ def _poison_allocator():
 def test_outputs_fully_written():
     """Every output element is written: an element a kernel skipped would come back as the NaN
     left in the allocator's freed blocks."""
-    x, wd, bd = _loss_inputs(300, 127, torch.float32)
     eps = _randn(300, 127, dtype=torch.float32, seed=5)
     w, b, wd2, bd2 = _merge_inputs(33, 127, torch.float32, True, True)
     for _ in range(3):
-        _poison_allocator()
-        got = torch.ops.drep.denoise_loss_fwd(x, wd, bd, A, S, eps, torch.tensor(0), True)
-        _check_loss(got, x, wd, bd, eps, torch.float32)
+        for dtype in (torch.float32, torch.bfloat16):  # bf16: G' written over half of p's bytes
+            x, wd, bd = _loss_inputs(300, 127, dtype)
+            _poison_allocator()
+            got = torch.ops.drep.denoise_loss_fwd(x, wd, bd, A, S, eps, torch.tensor(0), True)
+            _check_loss(got, x, wd, bd, eps, dtype)
         _poison_allocator()
         mw, mb = torch.ops.drep.merge_weights_fwd(w, b, wd2, bd2, C1, C3)
         ew, eb = oracle.merge(w.double(), b.double(), wd2.double(), bd2.double(), C1, C3)
