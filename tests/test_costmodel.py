@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -188,6 +189,25 @@ def test_triton_constants_are_the_code():
     for M, K in [(100, 60), (12608, 768), (25216, 3072), (197, 40000)]:
         for size in (2, 4):
             assert loss.triton_chunk_rows(M, K, size) == tdl.chunk_rows(M, K, size)
+
+
+def test_cuda_constants_are_the_code():
+    """The CUDA loss's chunk budget and stripe layout, as csrc/cuda/denoise_loss.cu defines them."""
+    src = (Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "denoise_loss.cu").read_text()
+
+    def value(pattern):
+        m = re.search(pattern, src)
+        assert m, pattern
+        return m.group(1)
+
+    assert loss.CUDA_TC.chunk_bytes == 64 << int(value(r"#define DREP_LOSS_CHUNK_BYTES \(int64_t\(64\) << (\d+)\)"))
+    assert loss.CUDA_TC.min_chunk_rows == int(value(r"kMinChunkRows = (\d+);"))
+    assert loss.STRIPE_TARGET == int(value(r"#define DREP_LOSS_TARGET_STRIPES (\d+)"))
+    assert loss.ROW_LANES == int(value(r"constexpr int kRowLanes = (\d+);"))
+    assert loss.MAX_ROWS_PER_LANE == int(value(r"constexpr int kMaxRowsPerLane = (\d+);"))
+    # stripe_rows against the kernel's rule, written out: 1, 2, 4 or 8 rows per lane.
+    for R, lanes in [(1, 1), (4096, 1), (4097, 2), (8192, 2), (8193, 4), (16385, 8), (10**6, 8)]:
+        assert loss.stripe_rows(R) == 8 * lanes, R
 
 
 def test_shapes_are_the_benchmarks():

@@ -395,8 +395,8 @@ def test_denoise_loss_empty_batch(cuda_backend, dtype):
 @pytest.mark.parametrize("row0", [0, 2**38 + 5])
 def test_noise_paths_match_rng(per_element, rows, cols, row0):
     # Both of the kernel's noise paths (the prologue's and the loss epilogue's thread layouts),
-    # N1 against rng.py, at counters past 2^32 too (row0 Q); 130 x 261 spans 3 x 3 epilogue
-    # tiles of 64 x 128, the last rows and group of four cut.
+    # N1 against rng.py, at counters past 2^32 too (row0 Q); 130 x 261 spans 17 epilogue stripes
+    # of 8 rows (1 row per lane) by 3 column tiles of 128, the last stripe and group of four cut.
     seed = 2**33 + 7
     like = torch.empty(0, device="cuda")
     got = torch.ops.drep._denoise_noise(like, torch.tensor(seed), row0, rows, cols, per_element)

@@ -271,13 +271,17 @@ CUDA_TC = CudaLoss(
     epilogue_philox_per_element=0.25, epilogue_tile=None, dw_accumulate="beta1", dw_scale_pass=False,
     bias_cast=False, sum_fills=0, tail_launches=0, fused_cast=True, chunk_bytes=64 << 20,
 )
-# The stripe epilogue (denoise_loss.cu stripe_lanes): rows per lane ceil(R / (8 x 512)), 1 to 8.
+# The stripe epilogue (denoise_loss.cu stripe_lanes; tests/test_costmodel.py reads them there):
+# rows per lane ceil(R / (8 x 512)) rounded up to a power of two, at most 8.
 STRIPE_TARGET, ROW_LANES, MAX_ROWS_PER_LANE = 512, 8, 8
 
 
 def stripe_rows(R: int) -> int:
     """Rows per epilogue stripe for a chunk of R rows."""
-    return ROW_LANES * min(max(math.ceil(R / (ROW_LANES * STRIPE_TARGET)), 1), MAX_ROWS_PER_LANE)
+    want, lanes = math.ceil(R / (ROW_LANES * STRIPE_TARGET)), 1
+    while lanes < min(want, MAX_ROWS_PER_LANE):
+        lanes *= 2
+    return ROW_LANES * lanes
 
 
 def cuda_chunk_rows(design: CudaLoss, M: int, K: int, dt: Dtype) -> int:

@@ -40,7 +40,7 @@
 //   launches (5 per chunk)            5                   20
 //   W_d reads (2 K^2 B per chunk)     0.12 B/elem         1.95 B/elem
 //   C (4 K^2 B, then 8 K^2 per chunk) 0.24 B/elem         6.82 B/elem
-//   col sums (4 K B per stripe, x2)   0.13 B/elem         0.50 B/elem
+//   col sums (4 K B per stripe, x2)   0.25 B/elem         1.00 B/elem
 //   total HBM traffic                 20.6 B/elem         29.8 B/elem
 //                                     (200 MB)            (1.15 GB)
 //   Philox calls                      1/2 per element (two passes of one call per four)
@@ -50,14 +50,16 @@
 // (float32 input: 32 B/elem before the K x K terms instead of 20 (x, x_noisy and G' at 4 B),
 // 8 B of workspace per element, so R = 2^23 / K; float64: 16 B, the same 64 MiB. A cuBLAS call
 // counts as one launch. Given noise: no Philox call, its bytes read twice.) Beyond the
-// workspace: the stripe partials, (K + 1) 4 B per stripe (at most about 3 MB at K = 3072), and
+// workspace: the stripe partials, (K + 1) 4 B per stripe (5.5 MB at K = 3072: 448 stripes), and
 // the outputs. The C term is the price of the bounded workspace: it is 8 K / R B per element for
-// every chunk after the first, so it grows as K^2 for a fixed budget (R = 64 MiB / (6 K)).
-// Stripes: rows per lane = ceil(R / 4096), at most 8, so a chunk has about 512 stripes (more
-// above 32768 rows): blocks enough to spread over any current GPU, column-sum partials small.
-// Compiled for sm_90 (nvcc 13.0 -Xptxas -v): the epilogue holds 96 registers for bf16 / fp16
-// (two 256-thread blocks per SM; eight rows' Philox calls in flight per thread), 64 for float32,
-// no spills; unmeasured.
+// every chunk after the first, so it grows as K^2 for a fixed budget (R = 64 MiB / (6 K)). Past
+// K of about 87000 (bf16) the 128-row floor of a chunk takes more than 64 MiB.
+// Stripes: rows per lane = ceil(R / 4096) rounded up to a power of two, at most 8: R / 8
+// stripes of one row per lane up to R = 4096, then about 512 (256 to 512), more above 32768
+// rows. Each rows-per-lane count is its own instantiation of the epilogue (its rows unrolled).
+// Compiled for sm_90 (nvcc 13.0 -Xptxas -v), registers of the epilogue for 1 / 2 / 4 / 8 rows
+// per lane: 70 / 64 / 91 / 98 for bf16 / fp16 (three, four, two, two 256-thread blocks per SM),
+// 56 / 48 / 62 / 64 for float32; no spills. Unmeasured.
 // G' is stored without the 1 / n so that fp16 does not underflow (G = G' / n would be ~1e-9 for
 // large batches); fp16 stores G' 2^-14 so that it overflows only past |D| ~ 5.4e8, and saturates
 // there (grad_to_gemm); GEMM 2's alpha undoes both.
@@ -91,16 +93,17 @@ namespace {
 constexpr int64_t kChunkBytes = DREP_LOSS_CHUNK_BYTES;
 constexpr int64_t kMinChunkRows = 128;  // GEMM-friendly floor for very wide K
 // The epilogue block: 32 groups of four columns (one warp: a 128-column tile) by 8 row lanes,
-// each lane walking up to kMaxRowsPerLane rows of the block's stripe, the stripe's column tiles
-// one after the other.
+// each lane walking 1, 2, 4 or 8 rows of the block's stripe (a template argument: its rows are
+// unrolled, and each count has its own registers), the stripe's column tiles one after the other.
 constexpr int kGroupLanes = 32;
 constexpr int kRowLanes = 8;
 constexpr int kMaxRowsPerLane = 8;
 constexpr int kTileCols = 4 * kGroupLanes;
-// Stripes per chunk the epilogue aims at (rows per lane = ceil(R / (8 x 512)), at most 8): enough
-// blocks to spread evenly over any current GPU's SMs, few enough that the column-sum partials
-// (one row of K per stripe) stay small next to the chunk. tests/cuda_host aims at 4, so that its
-// small chunks run every number of rows per lane.
+// Stripes per chunk the epilogue aims at (rows per lane: ceil(R / (8 x 512)) rounded up to a power
+// of two, at most 8): enough blocks to spread evenly over any current GPU's SMs, few enough that
+// the column-sum partials (one row of K per stripe) stay small next to the chunk. tests/cuda_host
+// aims at 5, so that its small chunks run every number of rows per lane, and a last chunk with
+// more stripes than a full one.
 #ifndef DREP_LOSS_TARGET_STRIPES
 #define DREP_LOSS_TARGET_STRIPES 512
 #endif
@@ -219,8 +222,12 @@ __device__ __forceinline__ gemm_t grad_to_gemm(acc_t grad) {
 // rows b h + y + kRowLanes i (i < rows_per_lane) and, in column tile c, the group of four columns
 // c kGroupLanes + x. Whole rows per block are what lets G' overwrite p in place (the kernel).
 int stripe_lanes(int64_t rows) {
-  const int64_t lanes = (rows + kRowLanes * kTargetStripes - 1) / (kRowLanes * kTargetStripes);
-  return static_cast<int>(std::clamp<int64_t>(lanes, 1, kMaxRowsPerLane));
+  const int64_t want = (rows + kRowLanes * kTargetStripes - 1) / (kRowLanes * kTargetStripes);
+  int lanes = 1;
+  while (lanes < want && lanes < kMaxRowsPerLane) {
+    lanes *= 2;
+  }
+  return lanes;
 }
 
 unsigned int stripes(int64_t rows, int rows_per_lane) {
@@ -259,17 +266,16 @@ struct EpilogueThread {
 // the barrier that follows the tile's reads of p. Every p value a store covers belongs to this
 // tile or an earlier one of the same rows, and the block owns its rows whole.
 // All sums run in a fixed order; the per-thread arrays are indexed by unrolled constants only.
-template <typename gemm_t, typename acc_t>
+template <typename gemm_t, typename acc_t, int kRows>
 __global__ void __launch_bounds__(kFinalThreads)
     loss_epilogue_kernel(const acc_t* p, gemm_t* g, int64_t ldg, const gemm_t* bias, int64_t bs, NoiseSource ns,
-                         int64_t row0, int64_t rows, int64_t k, int rows_per_lane, acc_t* loss_part,
-                         acc_t* col_part) {
+                         int64_t row0, int64_t rows, int64_t k, acc_t* loss_part, acc_t* col_part) {
   constexpr bool kStaged = sizeof(gemm_t) < sizeof(acc_t);
-  constexpr int kStripeRows = kRowLanes * kMaxRowsPerLane;
+  constexpr int kStripeRows = kRowLanes * kRows;
   ns = with_seed(ns);
-  const EpilogueThread me = EpilogueThread::here(rows_per_lane);
+  const EpilogueThread me = EpilogueThread::here(kRows);
   const int t = static_cast<int>(threadIdx.y) * kGroupLanes + static_cast<int>(threadIdx.x);
-  const int64_t stripe_row0 = static_cast<int64_t>(blockIdx.x) * kRowLanes * rows_per_lane;
+  const int64_t stripe_row0 = static_cast<int64_t>(blockIdx.x) * kStripeRows;
   __shared__ acc_t s_loss[kFinalThreads];
   __shared__ acc_t s_col[kRowLanes][kTileCols];
   __shared__ gemm_t s_g[kStaged ? kStripeRows : 1][kTileCols];
@@ -292,7 +298,7 @@ __global__ void __launch_bounds__(kFinalThreads)
       int64_t gi = me.first_row * ldg + col0;
       int64_t m = row0 + me.first_row;
 #pragma unroll
-      for (int i = 0; i < kMaxRowsPerLane; ++i) {
+      for (int i = 0; i < kRows; ++i) {
         if (i < n_here) {
           acc_t e[4];
           noise_group(ns, m, group, e);
@@ -325,7 +331,7 @@ __global__ void __launch_bounds__(kFinalThreads)
     __syncthreads();  // the tile's p is read (G' may cover it); s_g and s_col are complete
     if constexpr (kStaged) {
       if (g != nullptr) {  // the staged tile, 128 contiguous columns per row
-        for (int e = t; e < kRowLanes * rows_per_lane * kTileCols; e += kFinalThreads) {
+        for (int e = t; e < kStripeRows * kTileCols; e += kFinalThreads) {
           const int row = e / kTileCols, c = e % kTileCols;
           const int64_t r = stripe_row0 + row, col = tile * kTileCols + c;
           if (r < rows && col < k) {
@@ -483,11 +489,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_loss_chunks(
 
     const int lanes = stripe_lanes(rows);
     const unsigned int n_stripes = stripes(rows, lanes);
-    DREP_LAUNCH(n_stripes, kEpilogueBlock, 0, stream, loss_epilogue_kernel<scalar_t, acc_t>)(
-        p_c.const_data_ptr<acc_t>(), compute_grad ? g.mutable_data_ptr<scalar_t>() : nullptr,
-        compute_grad ? g.stride(0) : 0, has_bias ? denoise_bias->const_data_ptr<scalar_t>() : nullptr,
-        has_bias ? denoise_bias->stride(0) : 0, ns, row0, rows, k, lanes, loss_part.mutable_data_ptr<acc_t>(),
-        bias_grad ? col_part.mutable_data_ptr<acc_t>() : nullptr);
+    const auto epilogue = [&](auto kernel) {
+      DREP_LAUNCH(n_stripes, kEpilogueBlock, 0, stream, kernel)(
+          p_c.const_data_ptr<acc_t>(), compute_grad ? g.mutable_data_ptr<scalar_t>() : nullptr,
+          compute_grad ? g.stride(0) : 0, has_bias ? denoise_bias->const_data_ptr<scalar_t>() : nullptr,
+          has_bias ? denoise_bias->stride(0) : 0, ns, row0, rows, k, loss_part.mutable_data_ptr<acc_t>(),
+          bias_grad ? col_part.mutable_data_ptr<acc_t>() : nullptr);
+    };
+    switch (lanes) {
+      case 1:
+        epilogue(loss_epilogue_kernel<scalar_t, acc_t, 1>);
+        break;
+      case 2:
+        epilogue(loss_epilogue_kernel<scalar_t, acc_t, 2>);
+        break;
+      case 4:
+        epilogue(loss_epilogue_kernel<scalar_t, acc_t, 4>);
+        break;
+      default:
+        static_assert(kMaxRowsPerLane == 8, "stripe_lanes picks 1, 2, 4 or 8 rows per lane");
+        epilogue(loss_epilogue_kernel<scalar_t, acc_t, 8>);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     const auto final_blocks = static_cast<unsigned int>((k + kGroupLanes - 1) / kGroupLanes);
