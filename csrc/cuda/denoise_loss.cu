@@ -58,8 +58,8 @@
 // stripes of one row per lane up to R = 4096, then about 512 (256 to 512), more above 32768
 // rows. Each rows-per-lane count is its own instantiation of the epilogue (its rows unrolled).
 // Compiled for sm_90 (nvcc 13.0 -Xptxas -v), registers of the epilogue for 1 / 2 / 4 / 8 rows
-// per lane: 70 / 64 / 91 / 98 for bf16 / fp16 (three, four, two, two 256-thread blocks per SM),
-// 56 / 48 / 62 / 64 for float32; no spills. Unmeasured.
+// per lane: 72 / 74 / 112 / 114 for bf16 / fp16 (three, three, two, two 256-thread blocks per
+// SM), 64 / 64 / 74 / 82 for float32; sm_80 a few fewer; no spills on either. Unmeasured.
 // G' is stored without the 1 / n so that fp16 does not underflow (G = G' / n would be ~1e-9 for
 // large batches); fp16 stores G' 2^-14 so that it overflows only past |D| ~ 5.4e8, and saturates
 // there (grad_to_gemm); GEMM 2's alpha undoes both.
@@ -266,8 +266,10 @@ struct EpilogueThread {
 // the barrier that follows the tile's reads of p. Every p value a store covers belongs to this
 // tile or an earlier one of the same rows, and the block owns its rows whole.
 // All sums run in a fixed order; the per-thread arrays are indexed by unrolled constants only.
+// (Two blocks per SM asked of 4 and 8 rows per lane: ptxas then keeps them in registers; left to
+// its default, sm_80's 4-row half-precision build spilled 16 bytes.)
 template <typename gemm_t, typename acc_t, int kRows>
-__global__ void __launch_bounds__(kFinalThreads)
+__global__ void __launch_bounds__(kFinalThreads, kRows >= 4 ? 2 : 1)
     loss_epilogue_kernel(const acc_t* p, gemm_t* g, int64_t ldg, const gemm_t* bias, int64_t bs, NoiseSource ns,
                          int64_t row0, int64_t rows, int64_t k, acc_t* loss_part, acc_t* col_part) {
   constexpr bool kStaged = sizeof(gemm_t) < sizeof(acc_t);
