@@ -1,7 +1,8 @@
 """Triton denoising loss (docs/method.md, L1 and L2): three tensor-core launches per row chunk.
 
 x (M x K) is processed in chunks of R rows (x_noisy and G' of R rows within ``CHUNK_BYTES``,
-R a multiple of 128), in order. Per chunk, with GEMM dtype T (the input dtype, ``drep_kernels.precision``):
+R a multiple of 128), in order. Per chunk, with GEMM dtype T (the input dtype,
+``drep_kernels.precision``):
 
 1. ``_noisy_input_kernel``: x_noisy = a x + s eps (L1) formed in float32 (float64), rounded
    once to T into the chunk buffer (R x K, row-major). eps is N1's stream, tl.randn4x: one
@@ -25,7 +26,8 @@ Per element of x (bf16): x read once (2 B) and the noise drawn once in step 1; x
 read once. Two Philox calls per four elements in all, 2 M K^2 FLOPs per GEMM, three launches
 per chunk plus two. Nothing of size M x K outlives the call; the workspace is two R x K buffers
 in T (together at most 64 MiB: 2^24 elements of bf16 / fp16, 2^23 of float32, 2^22 of
-float64), the K x K result and per-program partial sums. benchmarks/costmodel counts the same per shape.
+float64), the K x K result and per-program partial sums. benchmarks/costmodel counts the same
+per shape.
 
 Determinism: no atomics. Every program writes its own partial-sum cells, which
 ``_finalize_kernel`` sums in a fixed order (loops over a fixed-shape buffer); each dW_d tile is
