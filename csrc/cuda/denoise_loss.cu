@@ -514,7 +514,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_loss_chunks(
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    const auto final_blocks = static_cast<unsigned int>((k + kGroupLanes - 1) / kGroupLanes);
+    // Blocks for dL/db_d's columns, 32 each; without it block 0 alone (the loss).
+    const auto final_blocks = bias_grad ? static_cast<unsigned int>((k + kGroupLanes - 1) / kGroupLanes) : 1u;
     DREP_LAUNCH(final_blocks, kEpilogueBlock, 0, stream, finalize_chunk_kernel<acc_t>)(
         loss_part.const_data_ptr<acc_t>(), n_stripes, loss_sum.mutable_data_ptr<double>(),
         bias_grad ? col_part.const_data_ptr<acc_t>() : nullptr, n_stripes, k,
