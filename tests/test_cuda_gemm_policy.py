@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import TOLERANCES, assert_close
-from cuda_host.build import load_host_ops
+from cuda_host.build import load_host_ops, loss_chunk_rows
 from drep_kernels.backends import extension_error, kernels
 
 if extension_error() is not None:
@@ -97,10 +97,8 @@ def dims(call) -> tuple[int, int, int]:
 
 
 def chunk_rows(m: int, k: int, dtype: torch.dtype) -> list[int]:
-    """The host build's loss chunks for an m x k input: a 16 KiB budget over x_noisy's and p's
-    bytes per element (csrc/cuda/denoise_loss.cu chunk_rows, tests/cuda_host/denoise_loss.cpp)."""
-    per_element = dtype.itemsize + (8 if dtype == torch.float64 else 4)
-    rows = min(max(16384 // per_element // k // 128 * 128, 128), m)
+    """The rows of each chunk the host build's loss runs for an m x k input."""
+    rows = loss_chunk_rows(m, k, dtype)
     return [min(rows, m - r0) for r0 in range(0, m, rows)]
 
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from conftest import CLAMP_SEED, CLAMPED_COUNTERS, TOLERANCES, assert_close
-from cuda_host.build import load_host_ops
+from cuda_host.build import LOSS_TARGET_STRIPES, load_host_ops, loss_chunk_rows
 from drep_kernels import rng
 from drep_kernels.backends import extension_error, kernels
 
@@ -39,8 +39,6 @@ pytestmark = pytest.mark.usefixtures("poisoned_empty")
 A, S = 0.8, 0.6  # noising scales far from 1 and 0: every term of L1 matters
 C1, C3 = 0.37, 1.02  # reverse-step scales, likewise for M1..M5
 MARGIN = 10.0
-CHUNK_BYTES = 16384  # DREP_LOSS_CHUNK_BYTES of tests/cuda_host/denoise_loss.cpp
-TARGET_STRIPES = 5  # DREP_LOSS_TARGET_STRIPES, likewise
 TORCH = kernels("torch")
 SEED = torch.tensor(0, dtype=torch.int64)  # unused when noise is given
 
@@ -54,23 +52,15 @@ def host():
     return load_host_ops()
 
 
-def chunk_rows(m: int, k: int, dtype: torch.dtype = torch.float32) -> int:
-    """Rows per chunk of the host build's loss for an m x k input (denoise_loss.cu chunk_rows):
-    the budget over x_noisy's (input dtype) and p's (accumulation dtype) bytes per element."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    per_element = dtype.itemsize + acc.itemsize
-    return min(max(CHUNK_BYTES // per_element // k // 128 * 128, 128), m)
-
-
 def chunks(m: int, k: int, dtype: torch.dtype = torch.float32) -> int:
     """How many chunks the host build's loss runs for an m x k input."""
-    return -(-m // chunk_rows(m, k, dtype))
+    return -(-m // loss_chunk_rows(m, k, dtype))
 
 
 def rows_per_lane(rows: int) -> int:
     """The epilogue's rows per lane for a chunk of ``rows`` rows (denoise_loss.cu stripe_lanes):
-    ceil(rows / (8 TARGET_STRIPES)) rounded up to a power of two, at most 8."""
-    want, lanes = -(-rows // (8 * TARGET_STRIPES)), 1
+    ceil(rows / (8 LOSS_TARGET_STRIPES)) rounded up to a power of two, at most 8."""
+    want, lanes = -(-rows // (8 * LOSS_TARGET_STRIPES)), 1
     while lanes < min(want, 8):
         lanes *= 2
     return lanes
@@ -144,7 +134,7 @@ def test_loss_shapes_cover_one_to_three_chunks():
         assert {chunks(m, k, dtype) for m, k in LOSS_SHAPES} == {1, 2, 3}, dtype
     # 168 x 127: a last chunk of 40 rows with more stripes (5) than the full one (4), which sizes
     # the kernel's partial buffers.
-    assert chunk_rows(168, 127) == 128 and stripes(128) == 4 and stripes(40) == 5
+    assert loss_chunk_rows(168, 127) == 128 and stripes(128) == 4 and stripes(40) == 5
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)

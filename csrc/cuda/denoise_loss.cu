@@ -245,9 +245,7 @@ struct EpilogueThread {
     return {static_cast<int64_t>(blockIdx.x) * kRowLanes * rows_per_lane + threadIdx.y, rows_per_lane};
   }
   __device__ __forceinline__ int64_t row(int i) const { return first_row + kRowLanes * i; }
-  // Whether lane row i exists: i < rows_per_lane and within the chunk's rows.
-  __device__ __forceinline__ bool has(int i, int64_t rows) const { return i < rows_per_lane && row(i) < rows; }
-  // How many lane rows exist (has(i) for i below it, not above).
+  // How many of the lane's rows exist: rows i below it (i < rows_per_lane, within the chunk).
   __device__ __forceinline__ int lane_rows(int64_t rows) const {
     const int64_t here = first_row < rows ? (rows - first_row + kRowLanes - 1) / kRowLanes : 0;
     return static_cast<int>(std::min<int64_t>(rows_per_lane, here));
@@ -597,9 +595,10 @@ __global__ void __launch_bounds__(kFinalThreads)
     if (col0 >= ns.k) {
       continue;
     }
+    const int n_here = me.lane_rows(rows);
 #pragma unroll
     for (int i = 0; i < kMaxRowsPerLane; ++i) {
-      if (me.has(i, rows)) {
+      if (i < n_here) {
         const int64_t r = me.row(i);
         float e[4];
         noise_group(ns, row0 + r, group, e);

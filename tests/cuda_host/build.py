@@ -18,6 +18,10 @@ import torch
 from torch.utils import cpp_extension
 
 HERE = Path(__file__).resolve().parent
+# The host build's loss settings, passed to csrc/cuda/denoise_loss.cu as its DREP_LOSS_CHUNK_BYTES
+# and DREP_LOSS_TARGET_STRIPES (see denoise_loss.cpp for why these values).
+LOSS_CHUNK_BYTES = 16384
+LOSS_TARGET_STRIPES = 5
 SOURCES = (HERE / "denoise_loss.cpp", HERE / "merge_weights.cpp", HERE / "gemm_log.cpp")
 OPS = ("denoise_loss_fwd", "_denoise_noise", "merge_weights_fwd", "merge_weights_bwd")
 NAMESPACE = "drep_cuda_host"
@@ -49,7 +53,8 @@ def load_host_ops():
         # -O2 costs no more build time than -O0 here (parsing ATen dominates) and runs the kernels
         # several times faster; the unknown pragmas are nvcc's #pragma unroll. C++20 for
         # std::barrier (cuda_host.h): torch 2.11 builds extensions as C++17 (this flag comes last).
-        extra_cflags=["-O2", "-Wno-unknown-pragmas", "-std=c++20"],
+        extra_cflags=["-O2", "-Wno-unknown-pragmas", "-std=c++20", f"-DDREP_LOSS_CHUNK_BYTES={LOSS_CHUNK_BYTES}",
+                      f"-DDREP_LOSS_TARGET_STRIPES={LOSS_TARGET_STRIPES}"],
         build_directory=str(build_directory()),
         is_python_module=False,
     )
@@ -58,3 +63,12 @@ def load_host_ops():
 
 
 _KEEP_ALIVE: list[torch.library.Library] = []
+
+
+def loss_chunk_rows(m: int, k: int, dtype: torch.dtype = torch.float32) -> int:
+    """Rows per chunk of the host build's loss for an m x k input (csrc/cuda/denoise_loss.cu
+    chunk_rows): the budget over x_noisy's (input dtype) and p's (accumulation dtype) bytes per
+    element, a multiple of 128 (at least 128), at most m."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    per_element = dtype.itemsize + acc.itemsize
+    return min(max(LOSS_CHUNK_BYTES // per_element // k // 128 * 128, 128), m)

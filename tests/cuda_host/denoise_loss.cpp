@@ -1,5 +1,5 @@
-// csrc/cuda/denoise_loss.cu compiled as host C++ (cuda_host.h), with a loss chunk budget of 16 KiB
-// instead of 64 MiB, so that small inputs run 1 to 3 chunks: rows per chunk are
+// csrc/cuda/denoise_loss.cu compiled as host C++ (cuda_host.h), with (build.py's -D flags) a loss
+// chunk budget of 16 KiB instead of 64 MiB, so that small inputs run 1 to 3 chunks: rows per chunk are
 // max(16384 / (bytes of x_noisy and p per element) / K rounded down to a multiple of 128, 128),
 // e.g. for float32 (8 bytes) 256 for K = 7 and 128 for K = 127; and an epilogue aiming at 5
 // stripes instead of 512, so that those chunks run 1, 2, 4 and 8 rows per lane (stripes of 8 to
@@ -7,8 +7,6 @@
 // rows, after 128 rows: 4 of 32).
 #include "cuda_host.h"
 
-#define DREP_LOSS_CHUNK_BYTES 16384
-#define DREP_LOSS_TARGET_STRIPES 5
 #include "../../csrc/cuda/denoise_loss.cu"
 
 // csrc/philox.h folds a negative word v as ~v, not -v - 1, which overflows at INT32_MIN (undefined
