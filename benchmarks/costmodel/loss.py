@@ -303,7 +303,7 @@ def cuda(design: CudaLoss, M: int, K: int, dt: Dtype, gpu: Gpu) -> list[Kernel]:
         ks.append(stream("b_d to float32", K * (s + ACC)))
     for c, R in enumerate(chunks(M, cuda_chunk_rows(design, M, K, dt))):
         if design.epilogue_tile is None:  # stripes of whole rows: b_d read once per stripe
-            parts, col_rows = math.ceil(R / stripe_rows(R)), math.ceil(R / stripe_rows(R))
+            parts = col_rows = math.ceil(R / stripe_rows(R))
             bias = parts * K * s
         else:
             tr, tc = design.epilogue_tile
