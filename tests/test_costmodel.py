@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:  # benchmarks/ is not installed with the package (
     sys.path.append(str(ROOT))
 
 from benchmarks import baselines, costmodel, report, shapes  # noqa: E402
-from benchmarks.costmodel import loss, merge, tables  # noqa: E402
+from benchmarks.costmodel import hardware, loss, merge, tables  # noqa: E402
 from benchmarks.triton_aot import _float32_precision  # noqa: E402
 
 H100 = "h100-sxm"
@@ -98,6 +98,22 @@ def test_floor_is_four_m_k_squared_at_peak():
     # The benchmark's floor contender runs exactly those FLOPs in two cuBLAS calls.
     floor = costmodel.kernels("denoise_loss", "floor", M=M, K=K, dtype="bfloat16", gpu=H100)
     assert len(floor) == 2 and _sum(floor, "flops") == 4 * M * K * K
+
+
+@pytest.mark.parametrize("gpu, what, measured", hardware.CALIBRATION)
+def test_model_reproduces_the_lent_gpus_measurements(gpu, what, measured):
+    """The efficiency assumptions against what was measured on the lent H100 / H200: the model's
+    time for the same work (an 8192^3 bf16 product; a 4 GiB device-to-device copy, its bytes read
+    and written) gives the measured rate within the stated tolerance."""
+    g = hardware.GPUS[gpu]
+    if what.startswith("bf16 8192^3"):
+        n = 8192
+        k = hardware.cublas_gemm("matmul", n, n, n, hardware.DTYPES["bfloat16"], g, hbm=3 * n * n * 2)
+        rate = k.flops / hardware.seconds(k, g) / 1e12
+    else:
+        moved = 2 * 4 * 2**30
+        rate = moved / hardware.seconds(hardware.stream("copy", moved), g) / 1e12
+    assert rate == pytest.approx(measured, rel=hardware.CALIBRATION_TOLERANCE), (what, rate)
 
 
 def test_merge_counts_by_hand():
