@@ -77,6 +77,9 @@ if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
     esac
 fi
 export TORCH_CUDA_ARCH_LIST
+# The GPU tests then fail, not skip, when the build left the CUDA kernels out
+# (tests/test_cuda_kernels.py test_cuda_kernels_registered).
+[ "${DREP_GPU_RUN_PLUMBING:-0}" = 1 ] || export DREP_EXPECT_CUDA=1
 say "GPU: $NAME (sm_$MAJOR$MINOR); building for TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST; budget ${BUDGET}s"
 
 # 2. Build the extension in place (ninja, all cores, this architecture only).
@@ -88,6 +91,7 @@ else
     note_failure "build of drep_kernels._C (see run.log); benchmarking the backends that import"
 fi
 "$PY" -m drep_kernels.env 2>&1 | tee -a "$LOG"
+"$PY" -c "import pytest_benchmark" 2>/dev/null || note_failure "pytest-benchmark cannot be imported: the sweep's tiers will fail"
 
 # 3. The fast GPU tests: every kernel, dtype and path once, right after the build, so that a
 #    broken kernel shows even if the sweep eats the rest of the time.
@@ -98,8 +102,10 @@ gpu_tests() {  # tier name, marker expression, seconds
         return
     fi
     say "GPU tests ($name, -m \"$expr\"): up to ${secs}s"
-    timeout -k 10 "$secs" "$PY" -m pytest -m "$expr" tests/ -q -p no:cacheprovider -rfE \
-        >"$OUT/tests-$name.log" 2>&1
+    # -v: every test's outcome is logged as it ends, so a tier stopped at its time limit still
+    # names its failures; a module that fails to import costs its own tests, not the tier's.
+    timeout -k 10 "$secs" "$PY" -m pytest -m "$expr" tests/ -v -p no:cacheprovider -rfE --durations=15 \
+        --continue-on-collection-errors >"$OUT/tests-$name.log" 2>&1
     local rc=$?
     tail -n 3 "$OUT/tests-$name.log" | tee -a "$LOG"
     case $rc in

@@ -94,8 +94,9 @@ def cpu_flags() -> set[str]:
         return set()
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, name: str = "") -> None:
-    """Like torch.testing.assert_close (NaN/Inf never pass), but reports the worst element."""
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol, name: str = "") -> None:
+    """Like torch.testing.assert_close (NaN/Inf never pass), but reports the worst element.
+    ``atol``: a float, or a tensor of per-element bounds (broadcast against ``expected``)."""
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a = actual.detach().double().cpu()
     e = expected.detach().double().cpu()
@@ -105,9 +106,10 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol
     if (err > bound).any():
         idx = int(torch.argmax(err - bound))
         flat_a, flat_e = a.reshape(-1), e.reshape(-1)
+        atol_text = atol if isinstance(atol, float) else "per element"
         raise AssertionError(
             f"{name}: {(err > bound).sum().item()} of {err.numel()} elements out of tolerance "
-            f"(rtol={rtol}, atol={atol}); worst at flat index {idx}: {flat_a[idx].item()!r} vs "
+            f"(rtol={rtol}, atol={atol_text}); worst at flat index {idx}: {flat_a[idx].item()!r} vs "
             f"{flat_e[idx].item()!r}; max abs err {err.max().item():.3e}"
         )
 

@@ -56,6 +56,34 @@ def denoise_loss_grads(x, w_d, b_d, a, s, eps, gemm_dtype=None):
     return loss.detach(), grad_w, (grads[1] if b is not None else None)
 
 
+# Unit roundoff of each input dtype (x_noisy is rounded to it) and of its compute dtype.
+UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def sign_flip_slack(x, w_d, b_d, eps, dtype, a, s):
+    """The most that sign(D) flipping where D is within rounding of 0 can move (dL/dW_d, dL/db_d).
+
+    sign is discontinuous at 0 (L2): where a kernel's D (x_noisy rounded to the input dtype,
+    float32 GEMM) and the oracle's may differ in sign, either sign is right. tau bounds that
+    difference per element: the per-term roundings of x_noisy and of the GEMM, taken as
+    independent, at 8 times their scale (over 13 standard deviations), plus the roundings of
+    p + b_d - eps. Each element (m, i) with |D| < tau can move dL/dW_d[i, :] by
+    2 |x_noisy[m, :]| / n and dL/db_d[i] by 2 / n.
+    """
+    k = x.shape[-1]
+    xn = a * x.double().reshape(-1, k) + s * eps.double().reshape(-1, k)
+    w = w_d.double()
+    b = b_d.double() if b_d is not None else torch.zeros(k, dtype=torch.float64, device=xn.device)
+    e = eps.double().reshape(-1, k)
+    p = xn @ w.T
+    d = p + b - e
+    u, u_acc = UNIT_ROUNDOFF[dtype], UNIT_ROUNDOFF[torch.float64 if dtype == torch.float64 else torch.float32]
+    tau = 8 * (u + u_acc * k**0.5) * ((xn * xn) @ (w * w).T).sqrt() + 4 * u_acc * (p.abs() + b.abs() + e.abs())
+    near = (d.abs() < tau).double()
+    n = max(d.numel(), 1)
+    return 2 * near.T @ xn.abs() / n, 2 * near.sum(0) / n
+
+
 def two_step(x: Tensor, w: Tensor, b: Optional[Tensor], w_d: Tensor, b_d: Optional[Tensor], c1: float, c3: float) -> Tensor:
     """Denoise (one deterministic reverse step), then the layer: the function M1/M2 must equal."""
     eps_hat = x @ w_d.T + (b_d if b_d is not None else 0)

@@ -9,7 +9,7 @@ called directly and through the public ops with DREP_BACKEND=cuda. Every test bu
 Comparisons use the dtype's (rtol, atol) from conftest with atol taken relative to the expected
 tensor's largest magnitude, so that it means the same for a (K, K) gradient of size 1e-6 as for
 a loss of size 2. The L2 gradients also allow for sign(D) flipping where D is within rounding of
-0 (``_sign_slack``). Tolerances were checked against a CPU emulation of the kernels' roundings
+0 (``oracle.sign_flip_slack``). Tolerances were checked against a CPU emulation of the kernels' roundings
 (x_noisy and G' in the input dtype, float32 GEMMs) before any GPU run.
 """
 from __future__ import annotations
@@ -95,6 +95,7 @@ def _check(actual, expected, dtype, name, slack=None):
 
 # --- CPU-runnable: the build registers the kernels --------------------------------------------
 
+@pytest.mark.gpu  # runs everywhere; the mark puts it in the GPU run, which sets DREP_EXPECT_CUDA=1
 def test_cuda_kernels_registered():
     """A CUDA build of _C must register all three CUDA kernels (and the backend must see them).
 
@@ -251,34 +252,6 @@ def _loss_inputs(m, k, dtype, has_bd=True, seed=0, device="cuda"):
     return x, wd, bd
 
 
-# Unit roundoff of each input dtype (x_noisy is rounded to it) and of its compute dtype.
-UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-
-
-def _sign_slack(x, wd, bd, eps, dtype, a=A, s=S):
-    """The most that sign(D) flipping where D is within rounding of 0 can move (dL/dW_d, dL/db_d).
-
-    sign is discontinuous at 0 (L2): where the kernel's D (x_noisy rounded to the input dtype,
-    float32 GEMM) and the oracle's may differ in sign, either sign is right. tau bounds that
-    difference per element: the per-term roundings of x_noisy and of the GEMM, taken as
-    independent, at 8 times their scale (over 13 standard deviations), plus the roundings of
-    p + b_d - eps. Each element (m, i) with |D| < tau can move dL/dW_d[i, :] by
-    2 |x_noisy[m, :]| / n and dL/db_d[i] by 2 / n.
-    """
-    k = x.shape[-1]
-    xn = a * x.double().reshape(-1, k) + s * eps.double().reshape(-1, k)
-    w = wd.double()
-    b = bd.double() if bd is not None else torch.zeros(k, dtype=torch.float64, device=xn.device)
-    e = eps.double().reshape(-1, k)
-    p = xn @ w.T
-    d = p + b - e
-    u, u_acc = UNIT_ROUNDOFF[dtype], UNIT_ROUNDOFF[torch.float64 if dtype == torch.float64 else torch.float32]
-    tau = 8 * (u + u_acc * k**0.5) * ((xn * xn) @ (w * w).T).sqrt() + 4 * u_acc * (p.abs() + b.abs() + e.abs())
-    near = (d.abs() < tau).double()
-    n = max(d.numel(), 1)
-    return 2 * near.T @ xn.abs() / n, 2 * near.sum(0) / n
-
-
 def _check_loss(got, x, wd, bd, eps, dtype, compute_grad=True):
     loss, gw, gb = got
     eloss, egw, egb = oracle.denoise_loss_grads(x, wd, bd, A, S, eps)
@@ -288,7 +261,7 @@ def _check_loss(got, x, wd, bd, eps, dtype, compute_grad=True):
     if not compute_grad:
         assert gw.shape == (0,) and gb.shape == (0,)
         return
-    slack_w, slack_b = _sign_slack(x, wd, bd, eps, dtype)
+    slack_w, slack_b = oracle.sign_flip_slack(x, wd, bd, eps, dtype, A, S)
     assert gw.shape == wd.shape and gw.dtype == cdt
     _check(gw, egw, dtype, "dL/dW_d", slack_w)
     if bd is None:
@@ -350,7 +323,7 @@ def test_denoise_loss_public_op_3d_and_strided(cuda_backend, dtype):
     g_up = 1.7
     dwd, dbd = torch.autograd.grad(loss * g_up, [wd, bd])
     eloss, egw, egb = oracle.denoise_loss_grads(x, wd, bd, A, S, noise)
-    slack_w, slack_b = _sign_slack(x, wd, bd, noise, dtype)
+    slack_w, slack_b = oracle.sign_flip_slack(x, wd, bd, noise, dtype, A, S)
     _check(loss, eloss, dtype, "loss")
     _check(dwd, g_up * egw, dtype, "dW_d", g_up * slack_w)
     _check(dbd, g_up * egb, dtype, "db_d", g_up * slack_b)
@@ -598,6 +571,7 @@ def test_opcheck_kernel_ops():
 
 
 @needs_gpu
+@pytest.mark.slow  # a cold Inductor compile: the GPU run's slow tier, after the sweep
 def test_compile_converted_mlp(cuda_backend):
     """torch.compile(fullgraph=True) of a converted MLP on CUDA: the same outputs, losses and
     gradients as eager (the losses' seeds come from torch's CPU generator in both)."""

@@ -69,13 +69,17 @@ def _gemm_dtype(dtype: torch.dtype):
     return dtype if dtype in (torch.float16, torch.bfloat16) else None
 
 
-def _close(actual, expected, dtype, name, stored=None):
+def _close(actual, expected, dtype, name, stored=None, slack=None, atol=None):
     # The tolerance's atol is for O(1) values; here it is scaled by the tensor's largest element:
     # gradients are O(1 / (M K)), far below any fixed atol, and their elements that cancel to
-    # ~0 need a bound of the tensor's scale, not of their own.
-    rtol, atol = _tol(dtype, stored)
+    # ~0 need a bound of the tensor's scale, not of their own. ``slack``: a per-element
+    # allowance added to that bound (oracle.sign_flip_slack); ``atol`` overrides the dtype's.
+    rtol, dtype_atol = _tol(dtype, stored)
     scale = float(expected.detach().abs().max()) if expected.numel() else 1.0
-    assert_close(actual, expected, rtol, atol * scale, name)
+    bound = (dtype_atol if atol is None else atol) * scale
+    if slack is not None:
+        bound = bound + slack.detach().double().cpu()
+    assert_close(actual, expected, rtol, bound, name)
 
 
 def _denoise_inputs(M, K, dtype, bias=True, seed=0):
@@ -477,11 +481,18 @@ def test_gpu_large_shapes_autotuned(dtype):
     # Autotuned configs, many row-block groups, real tensor-core tiles.
     M, K = 4099, 515
     x, w, b, eps = _denoise_inputs(M, K, dtype)
-    loss, gw, gb = kernels("triton").denoise_loss_fwd(x, w, b, A, S, eps, torch.tensor(0), True)
-    ref_loss, ref_gw, ref_gb = oracle.denoise_loss_grads(x, w, b, A, S, eps)
+    a, s = _scales(dtype)
+    loss, gw, gb = kernels("triton").denoise_loss_fwd(x, w, b, a, s, eps, torch.tensor(0), True)
+    ref_loss, ref_gw, ref_gb = oracle.denoise_loss_grads(x, w, b, a, s, eps, _gemm_dtype(dtype))
+    # Over 2 M K elements D falls within rounding of 0 somewhere (either sign(D) is right), and
+    # for bf16 G' = sign D + 2 D, formed in float32 here and float64 in the oracle, lands on
+    # either side of a bf16 rounding tie for tens of elements: each moves a dL/dW_d element by
+    # about 2e-5 of its scale (a CPU emulation of this shape's roundings), hence atol 1e-4.
+    slack_w, slack_b = oracle.sign_flip_slack(x, w, b, eps, dtype, a, s)
+    atol = 1e-4 if dtype in (torch.float16, torch.bfloat16) else None
     _close(loss, ref_loss, dtype, "loss")
-    _close(gw, ref_gw, dtype, "dL/dW_d")
-    _close(gb, ref_gb, dtype, "dL/db_d")
+    _close(gw, ref_gw, dtype, "dL/dW_d", slack=slack_w, atol=atol)
+    _close(gb, ref_gb, dtype, "dL/db_d", slack=slack_b, atol=atol)
     wt, bt, wd, bd = (t.detach() for t in _merge_inputs(1031, K, dtype, True, True))
     mw, mb = kernels("triton").merge_weights_fwd(wt, bt, wd, bd, C1, C3)
     ref_w, ref_b = oracle.merge(wt.double(), bt.double(), wd.double(), bd.double(), C1, C3)
@@ -490,6 +501,7 @@ def test_gpu_large_shapes_autotuned(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.slow  # a cold Inductor compile: the GPU run's slow tier, after the sweep
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_compile_fullgraph(monkeypatch):
     _triton(monkeypatch)
