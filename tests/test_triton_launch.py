@@ -23,6 +23,9 @@ import oracle  # noqa: E402
 from conftest import TOLERANCES, assert_close  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Interpreted in CI; the GPU run (benchmarks/gpu_run.sh, -m gpu) runs them on compiled kernels,
+# where the bugs they guard against live.
+pytestmark = pytest.mark.gpu
 A, S = 0.8, 0.6
 # Two configs of each autotuned kernel (small blocks: the larger grid), and the plain kernels' blocks.
 LOSS_SMALL = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4, num_stages=1)
