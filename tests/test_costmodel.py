@@ -332,6 +332,22 @@ def test_verdicts_read_the_model():
     assert v.value == expect and v.met == (expect >= 3.0)
 
 
+def test_sensitivity_changes_one_assumption_at_a_time_and_restores_it():
+    """Each column of the sensitivity table is the verdicts under its changed assumption; the
+    model's own assumptions are the same afterwards. "Triton GEMMs as good as cuBLAS's" moves
+    the triton rows only."""
+    gpus, eff = dict(hardware.GPUS), dict(hardware.GEMM_EFF)
+    rows = [line.strip("| ").split(" | ") for line in tables.sensitivity()[2:]]
+    assert hardware.GPUS == gpus and hardware.GEMM_EFF == eff
+    head = [c.strip() for c in tables.sensitivity()[0].strip("| ").split(" | ")]
+    base, as_cublas = head.index("base assumptions"), head.index("Triton GEMMs as good as cuBLAS's")
+    by = {(v.target, v.design): v for v in tables.verdicts()}
+    for row in rows:
+        assert float(row[base].split()[0]) == round(by[(row[0], row[1])].value, 2)
+        moved = row[as_cublas] != row[base]
+        assert moved == (row[1] == "triton"), row
+
+
 # --- the GPU report prints predicted beside measured --------------------------------------------
 
 def _bench(group, contender, role, median, device, device_name, **info):

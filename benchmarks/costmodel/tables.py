@@ -8,7 +8,7 @@ import math
 from collections import defaultdict
 
 from . import DESIGNS, floor_seconds, loss, totals
-from .hardware import DTYPES, GPUS, assumptions, bound, seconds
+from .hardware import DTYPES, GEMM_EFF, GPUS, assumptions, bound, seconds
 
 GPU_KEYS = ("h100-sxm", "h200")
 # The benchmark shapes (benchmarks/shapes.py, checked by tests/test_costmodel.py): the loss at
@@ -148,23 +148,38 @@ def _changed(gpu: str, **changes):
         GPUS[gpu] = saved
 
 
+@contextlib.contextmanager
+def _triton_as_cublas():
+    """Triton's tensor-core dot at cuBLAS's library factor for the duration of the block."""
+    saved = GEMM_EFF["triton"]
+    GEMM_EFF["triton"] = GEMM_EFF["cublas"]
+    try:
+        yield
+    finally:
+        GEMM_EFF["triton"] = saved
+
+
 def sensitivity() -> list[str]:
     """The verdicts under the base assumptions and with one of the least certain changed: no
-    L2 bandwidth bound (Triton's small tiles fed as fast as they need), Philox at half the
-    anchor's cost, 1 us per launch instead of 3 (the eager code's 36 launches gain most)."""
+    L2 bandwidth bound (Triton's small tiles fed as fast as they need); that and Triton's dot
+    as efficient as cuBLAS (its factor is a guess, cuBLAS's is calibrated): Triton's GEMMs as
+    good as cuBLAS's; Philox at half the anchor's cost; 1 us per launch instead of 3 (the eager
+    code's 36 launches gain most)."""
     base = GPUS[TARGET_GPU]
-    cases = [("base assumptions", {}), ("no L2 -> SM bound", {"l2": math.inf}),
-             ("Philox at half the anchor", {"philox_s": base.philox_s / 2}),
-             ("1 us per launch", {"launch_s": 1e-6})]
+    no_l2 = {"l2": math.inf}
+    cases = [("base assumptions", {}, False), ("no L2 -> SM bound", no_l2, False),
+             ("Triton GEMMs as good as cuBLAS's", no_l2, True),
+             ("Philox at half the anchor", {"philox_s": base.philox_s / 2}, False),
+             ("1 us per launch", {"launch_s": 1e-6}, False)]
     found: dict[tuple, dict] = {}
-    for name, change in cases:
-        with _changed(TARGET_GPU, **change):
+    for name, change, as_cublas in cases:
+        with _changed(TARGET_GPU, **change), (_triton_as_cublas() if as_cublas else contextlib.nullcontext()):
             for v in verdicts():
                 found.setdefault((v.target, v.design), {})[name] = v
     rows = []
     for (target, design), by_case in found.items():
-        rows.append([target, design] + [f"{by_case[n].value:.2f}" + (" (met)" if by_case[n].met else "") for n, _ in cases])
-    return _table(["target", "design"] + [n for n, _ in cases], rows)
+        rows.append([target, design] + [f"{by_case[n].value:.2f}" + (" (met)" if by_case[n].met else "") for n, *_ in cases])
+    return _table(["target", "design"] + [n for n, *_ in cases], rows)
 
 
 def breakdown(op: str, design: str, K: int, M: int = 0, out: int = 0, dtype: str = TARGET_DTYPE,
