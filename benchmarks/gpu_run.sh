@@ -77,8 +77,9 @@ if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
     esac
 fi
 export TORCH_CUDA_ARCH_LIST
-# The GPU tests then fail, not skip, when the build left the CUDA kernels out
-# (tests/test_cuda_kernels.py test_cuda_kernels_registered).
+# A _C built without the CUDA kernels then fails the GPU tests' registration check
+# (tests/test_cuda_kernels.py test_cuda_kernels_registered) instead of skipping them all;
+# a _C that does not load at all stops pytest with its diagnosis (tests/conftest.py).
 [ "${DREP_GPU_RUN_PLUMBING:-0}" = 1 ] || export DREP_EXPECT_CUDA=1
 say "GPU: $NAME (sm_$MAJOR$MINOR); building for TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST; budget ${BUDGET}s"
 

@@ -68,7 +68,8 @@ def sign_flip_slack(x, w_d, b_d, eps, dtype, a, s):
     difference per element: the per-term roundings of x_noisy and of the GEMM, taken as
     independent, at 8 times their scale (over 13 standard deviations), plus the roundings of
     p + b_d - eps. Each element (m, i) with |D| < tau can move dL/dW_d[i, :] by
-    2 |x_noisy[m, :]| / n and dL/db_d[i] by 2 / n.
+    2 |x_noisy[m, :]| / n and dL/db_d[i] by 2 / n. ``dtype``: what x_noisy is rounded to in
+    the kernel and not in the oracle (the input dtype); float32 where the oracle rounds it too.
     """
     k = x.shape[-1]
     xn = a * x.double().reshape(-1, k) + s * eps.double().reshape(-1, k)
