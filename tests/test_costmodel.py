@@ -337,9 +337,9 @@ def test_sensitivity_columns_and_restored_assumptions():
     table is made; the column that gives Triton's GEMMs cuBLAS's factor and no L2 bound moves
     the triton rows and no other."""
     gpus, eff = dict(hardware.GPUS), dict(hardware.GEMM_EFF)
-    rows = [line.strip("| ").split(" | ") for line in tables.sensitivity()[2:]]
+    table = tables.sensitivity()
     assert hardware.GPUS == gpus and hardware.GEMM_EFF == eff
-    head = [c.strip() for c in tables.sensitivity()[0].strip("| ").split(" | ")]
+    head, rows = table[0].strip("| ").split(" | "), [line.strip("| ").split(" | ") for line in table[2:]]
     base, as_cublas = head.index("base assumptions"), head.index("Triton: no L2 bound, cuBLAS's factor")
     by = {(v.target, v.design): v for v in tables.verdicts()}
     for row in rows:

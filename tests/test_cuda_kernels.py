@@ -9,8 +9,8 @@ called directly and through the public ops with DREP_BACKEND=cuda. Every test bu
 Comparisons use the dtype's (rtol, atol) from conftest with atol taken relative to the expected
 tensor's largest magnitude, so that it means the same for a (K, K) gradient of size 1e-6 as for
 a loss of size 2. The L2 gradients also allow for sign(D) flipping where D is within rounding of
-0 (``oracle.sign_flip_slack``). Tolerances were checked against a CPU emulation of the kernels' roundings
-(x_noisy and G' in the input dtype, float32 GEMMs) before any GPU run.
+0 (``oracle.sign_flip_slack``). Tolerances were checked against a CPU emulation of the kernels'
+roundings (x_noisy and G' in the input dtype, float32 GEMMs) before any GPU run.
 """
 from __future__ import annotations
 
