@@ -22,8 +22,9 @@ MMA. ``python -m benchmarks.triton_aot`` compiles every build, prints the table,
 markdown (``--out``) and exits 1 when a build fails; tests/test_triton_aot.py runs the same
 builds in CI. Builds compile in a pool of spawned processes (``--jobs``, default 2): the kernels
 must be imported without ``TRITON_INTERPRET``, which the test session sets. Triton caches each
-build by its source hash (``TRITON_CACHE_DIR``), so an unchanged build costs a cache read; all
-180 took 2 to 4 minutes on 2 cores from an empty cache (6.5 on a loaded machine).
+build by its source hash (``TRITON_CACHE_DIR``), so an unchanged build costs a cache read; the
+180 builds of 2026-11 took 2 to 4 minutes on 2 cores from an empty cache (6.5 on a loaded
+machine); there are 238 since the row splits of the dL/dW_d GEMM.
 
 The check runs under triton 3.6 and 3.8 (a build that does not compile is reported with its cause);
 the JIT internals it mirrors are used in ``_specialize`` only. The table goes to
@@ -99,25 +100,34 @@ def _entries(torch, dtype) -> list[tuple[str, str, Callable[[], object], list[Op
     seed = torch.tensor(12345, dtype=torch.int64)
     loss, merge = denoise_loss.__name__, merge_weights.__name__
 
-    def loss_call(noise, grad, chunk_rows=None):
+    def loss_call(noise, grad, chunk_rows=None, split_min_rows=None):
         def call():
-            saved = denoise_loss.CHUNK_BYTES
+            saved = denoise_loss.CHUNK_BYTES, denoise_loss.SPLIT_MIN_ROWS
             if chunk_rows is not None:
                 denoise_loss.CHUNK_BYTES = chunk_rows * _K * 2 * x.dtype.itemsize
+            if split_min_rows is not None:
+                denoise_loss.SPLIT_MIN_ROWS = split_min_rows
             try:
                 return denoise_loss.denoise_loss_fwd(x, wd, bd, 0.9, 0.1, noise, seed, grad)
             finally:
-                denoise_loss.CHUNK_BYTES = saved
+                denoise_loss.CHUNK_BYTES, denoise_loss.SPLIT_MIN_ROWS = saved
 
         return call
 
+    # With grad, the dW_d GEMM splits the rows of a chunk of 1024 rows or more in two or more
+    # (denoise_loss.grad_splits on an H100's SM count, as the launcher sizes them off the GPU):
+    # one chunk of 1576 rows in three, then its split sum; two chunks (1024, 552 rows), the
+    # first in two, the second whole and adding to dW_d in place; and with splits of 128 rows
+    # allowed, the second in three too, its split sum adding to dW_d.
     return [
         (loss, "denoise_loss_fwd", loss_call(None, False), ["loss x_noisy", "loss L1", "loss finalize"]),
-        (loss, "denoise_loss_fwd(grad)", loss_call(None, True), [None, "loss L1+L2", "loss dW_d", "loss finalize dL/db_d"]),
-        (loss, "denoise_loss_fwd(grad, noise)", loss_call(noise, True),
-         ["loss x_noisy noise given", "loss L1+L2 noise given", None, None]),
+        (loss, "denoise_loss_fwd(grad)", loss_call(None, True),
+         [None, "loss L1+L2", "loss dW_d", "loss dW_d split sum", "loss finalize dL/db_d"]),
+        (loss, "denoise_loss_fwd(grad, noise)", loss_call(noise, True), ["loss x_noisy noise given"] + [None] * 4),
         (loss, "denoise_loss_fwd(grad, 2 chunks)", loss_call(None, True, _CHUNK_ROWS),
-         [None] * 5 + ["loss dW_d accumulate", None]),
+         [None] * 6 + ["loss dW_d accumulate", None]),
+        (loss, "denoise_loss_fwd(grad, 2 chunks, 128-row splits)", loss_call(None, True, _CHUNK_ROWS, 128),
+         [None] * 7 + ["loss dW_d split sum accumulate", None]),
         (merge, "merge_weights_fwd", lambda: merge_weights.merge_weights_fwd(w, b, wd, bd, 0.05, 0.99), ["merge M1+M2"]),
         (merge, "merge_weights_bwd", lambda: merge_weights.merge_weights_bwd(gw, gb, w, wd, bd, 0.05, 0.99, True, True),
          ["merge M3", "merge M4+M5"]),
@@ -537,10 +547,12 @@ def markdown(rows: list[Row], command: str, wall: float, jobs: int) -> str:
         f"{len(rows)} builds, {len(failed)} failing; {wall:.0f} s wall on {jobs} processes "
         f"({sum(r.seconds for r in rows):.0f} s of compiles; cached builds cost a cache read).\n\n"
         "Each row is one launch of the triton backend, one shipped config, one dtype path and one target, "
-        "compiled with `triton.compile` and Triton's ptxas. The loss launches per row chunk `x_noisy` (no dot), "
-        "`L1` or `L1+L2` (GEMM 1 and its epilogue; `noise given`: the noise read, not drawn) and, with gradients, "
-        "`dW_d` (GEMM 2; `accumulate`: the later chunks', adding to dW_d). Spill stores: Triton's `ptxas -v` log; registers, "
-        "stack and local memory: `cuobjdump --dump-resource-usage` of the cubin (the 32-byte stack of the loss kernels that draw noise "
+        "compiled with `triton.compile` and Triton's ptxas. The loss launches per row chunk `x_noisy` (no dot; it "
+        "stores eps too; `noise given`: the noise read, not drawn), `L1` or `L1+L2` (GEMM 1 and its epilogue, which "
+        "reads the stored eps) and, with gradients, `dW_d` (GEMM 2; `accumulate`: the later chunks', adding to dW_d in "
+        "place) and, where GEMM 2 splits the chunk's rows, `dW_d split sum` (the splits' partials added to dW_d; "
+        "`accumulate`: after the earlier chunks). Spill stores: Triton's `ptxas -v` log; registers, "
+        "stack and local memory: `cuobjdump --dump-resource-usage` of the cubin (the 32-byte stack of the kernel that draws noise "
         "is libdevice's sinf / cosf reduction array for arguments above 105615, never reached by Box-Muller's "
         "angles below 2 pi); shared memory: the kernel's metadata; MMA: `wgmma` / `mma.sync` in the PTX. A build "
         "passes with no spill stores and no local memory, shared memory within the target's per-block maximum, and, on a "

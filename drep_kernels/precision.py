@@ -7,7 +7,7 @@ Where the GEMMs run on tensor cores (the cuda and triton backends, and the torch
 CUDA tensors):
 
 =====================  ==================  ==========================  =====================
-input dtype            GEMM operands       accumulation, loss, sums,   float32 GEMMs
+input dtype            eps; GEMM operands  accumulation, loss, sums,   float32 GEMMs
                        (x_noisy, W_d, G')  dL/dW_d, dL/db_d
 =====================  ==================  ==========================  =====================
 bfloat16 / float16     the input dtype     float32                     -
@@ -16,9 +16,10 @@ float32                float32             float32                     TF32 iff 
 float64                float64             float64                     -
 =====================  ==================  ==========================  =====================
 
-x_noisy = a x + s eps is formed in the accumulation dtype and rounded once to the GEMM dtype,
-as the authors' eager code does under autocast (where ``F.linear`` gets x_noisy in bf16);
-D = p + b_d - eps and its sums stay in the accumulation dtype (eps is never rounded).
+eps is rounded once to the GEMM dtype, as the authors' eager code draws it under autocast
+(``torch.randn_like`` of bf16 activations); x_noisy = a x + s eps is formed from that eps in the
+accumulation dtype and rounded once to the GEMM dtype, as the eager code's ``F.linear`` gets it
+in bf16; D = p + b_d - eps and its sums stay in the accumulation dtype.
 G' = sign(D) + 2 D (L2 without its 1 / (M K)) is rounded to the GEMM dtype for GEMM 2; float16
 stores G' 2^-14 (``grad_scale``; every non-zero |G'| is at least 1, so the scaled value loses no
 bits) and saturates at float16's largest finite value, so G' overflows only past |D| ~ 5.4e8.
@@ -27,7 +28,7 @@ user's choice for torch's float32 matmuls is the backend's too, and nothing chan
 is made.
 
 On the CPU (the cpu backend, the torch backend on CPU tensors) half-precision inputs are
-computed in float32 throughout, x_noisy and G' included: the CPU GEMMs are float32 BLAS, and
+computed in float32 throughout, eps, x_noisy and G' included: the CPU GEMMs are float32 BLAS, and
 rounding their operands would cost accuracy and gain nothing.
 """
 from __future__ import annotations

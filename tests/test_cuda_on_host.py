@@ -22,6 +22,7 @@ import math
 import pytest
 import torch
 
+import oracle
 from conftest import CLAMP_SEED, CLAMPED_COUNTERS, TOLERANCES, assert_close
 from cuda_host.build import LOSS_TARGET_STRIPES, load_host_ops, loss_chunk_rows
 from drep_kernels import rng
@@ -173,19 +174,39 @@ def test_loss_seeded_matches_torch_backend(host, m, k, bias):
     check_loss(got, want, torch.float32, bias=bias, tol=(1e-5, 1e-7))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("m,k", [(127, 127), (300, 127), (300, 261)])
-def test_seeded_loss_equals_its_noise_given_explicitly(host, m, k):
+def test_seeded_loss_equals_its_noise_given_explicitly(host, m, k, dtype):
     # The prologue and the epilogue each draw eps four at a time, in their own thread layouts:
     # both must be N1's eps[m, k] in every tile and chunk, so the seeded run is bitwise the run
-    # given the epilogue hook's noise. K = 261: three 128-column epilogue tiles, the last group
-    # cut to one column; 300 rows: several stripes and three chunks.
-    x, w, b, _ = loss_inputs(m, k, torch.float32, bias=True, seed=5)
+    # given the epilogue hook's noise (float32: bf16 rounds the drawn and the given eps alike).
+    # K = 261: three 128-column epilogue tiles, the last group cut to one column; 300 rows:
+    # several stripes and three chunks.
+    x, w, b, _ = loss_inputs(m, k, dtype, bias=True, seed=5)
     seed = torch.tensor(2**33 + 12345, dtype=torch.int64)
     eps = host._denoise_noise(torch.empty(0), seed, 0, m, k, True)
     got = host.denoise_loss_fwd(x, w, b, A, S, None, seed, True)
     want = host.denoise_loss_fwd(x, w, b, A, S, eps, SEED, True)
     for name, g, r in zip(("loss", "dL/dW_d", "dL/db_d"), got, want):
         assert torch.equal(g, r), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_loss_rounds_eps_and_x_noisy_to_nearest(host, dtype):
+    # The policy's roundings, exactly (docs/method.md, Precision): eps to the GEMM dtype, then
+    # x_noisy formed from it. x = 0, a = 0, s = 0.625, W_d = 1.6 I (s W_d is 1 within 2^-10):
+    # D = 1.6 round(0.625 eps) - eps is mostly rounding error, so the oracle applying the same
+    # roundings is met at 1e-4 while an eps left unrounded, or a rounding other than to nearest,
+    # misses by far more.
+    m, k, s = 96, 40, 0.625
+    x = torch.zeros(m, k, dtype=dtype)
+    w = (1.6 * torch.eye(k)).to(dtype)
+    eps = rng.normal(7, m, k)
+    got = host.denoise_loss_fwd(x, w, None, 0.0, s, eps, SEED, True)
+    want = oracle.denoise_loss_grads(x, w, None, 0.0, s, eps, dtype)
+    d = 1.6 * (s * eps.double()).to(dtype).double() - eps.double()  # D had eps not been rounded
+    assert abs(float(d.abs().mean() + d.square().mean() - want[0])) > 1e-2 * float(want[0])
+    check_loss(got[:2] + (torch.empty(0),), want, dtype, bias=False, tol=(1e-4, 1e-6), atol_of_largest=True)
 
 
 def strided(t: torch.Tensor, layout: str) -> torch.Tensor:

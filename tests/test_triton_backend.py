@@ -186,8 +186,8 @@ def test_denoise_loss_seeded_matches_torch_backend(monkeypatch):
 )
 def test_denoise_loss_other_block_shapes(loss_blocks, grad_blocks):
     """The GPU configs have BLOCK_N != BLOCK_K; the interpreter's default has them equal. The
-    plain kernels with such blocks: the prologue's and the epilogue's (BLOCK_N) noise tiles, K
-    not a multiple of 4, dL/dW_d tiles of either shape, against the torch backend."""
+    plain kernels with such blocks: the epilogue's (BLOCK_N) tiles of the stored eps, K not a
+    multiple of 4, dL/dW_d tiles of either shape, against the torch backend."""
     from drep_kernels.triton import denoise_loss as tdl
 
     loss_meta = dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), loss_blocks), GROUP_M=2)
@@ -241,26 +241,82 @@ def test_denoise_loss_in_chunks(monkeypatch, dtype):
             _close(u, v, dtype if noise is not None else torch.float32, name)
 
 
+def test_grad_splits_fill_one_wave():
+    """The dL/dW_d GEMM's row splits at the benchmark's shapes on an H100 (132 SMs): splits x
+    128 x 128 tiles within one wave, splits of whole 128-row blocks covering the chunk, none
+    where the tiles fill the SMs or the rows are too few."""
+    from drep_kernels.triton import denoise_loss as tdl
+
+    assert tdl.grad_splits(12608, 768, 132) == (3, 4224)  # 36 tiles: 108 programs
+    assert tdl.grad_splits(12608, 384, 132) == (13, 1024)  # 9 tiles: 117 programs
+    assert tdl.grad_splits(12608, 1024, 132) == (2, 6400)  # 64 tiles: 128 programs
+    assert tdl.grad_splits(1576, 384, 132) == (3, 640)  # at least 512 rows each: 3, not 14
+    for R, K in ((12608, 1536), (3584, 3072), (511, 384), (100, 64)):
+        assert tdl.grad_splits(R, K, 132) == (1, R)
+    for R, K, sms in ((12608, 768, 132), (12608, 384, 108), (4099, 515, 132), (1576, 64, 132), (640, 33, 7)):
+        splits, rows = tdl.grad_splits(R, K, sms)
+        assert rows % 128 == 0 and (splits - 1) * rows < R <= splits * rows
+        assert splits * triton.cdiv(K, 128) ** 2 <= sms and (splits == 1 or rows >= tdl.SPLIT_MIN_ROWS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=lambda v: str(v)[6:])
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "chunks"])
+def test_denoise_loss_split_rows(monkeypatch, dtype, chunked):
+    """dL/dW_d's GEMM split over rows (splits of at least 64 rows asked: 128-row splits): one
+    chunk of 300 rows in three splits, the last 44 rows; or 256-row chunks (256, 256, 88 rows):
+    two splits summed into dL/dW_d (chunk 0), two added to it (chunk 1), then one split
+    accumulating in place."""
+    from drep_kernels.triton import denoise_loss as tdl
+
+    monkeypatch.setattr(tdl, "SPLIT_MIN_ROWS", 64)
+    M, K = (600, 33) if chunked else (300, 33)
+    if chunked:
+        monkeypatch.setattr(tdl, "CHUNK_BYTES", 256 * K * 2 * dtype.itemsize)
+        assert tdl.chunk_rows(M, K, dtype.itemsize) == 256
+        assert [tdl.grad_splits(R, K, 132)[0] for R in (256, 256, 88)] == [2, 2, 1]
+    else:
+        assert tdl.grad_splits(M, K, 132) == (3, 128)
+    x, w, b, eps = _denoise_inputs(M, K, dtype)
+    a, s = _scales(dtype)
+    got = kernels("triton").denoise_loss_fwd(x, w, b, a, s, eps, torch.tensor(0), True)
+    want = oracle.denoise_loss_grads(x, w, b, a, s, eps, _gemm_dtype(dtype))
+    for u, v, name in zip(got, want, ("loss", "dL/dW_d", "dL/db_d")):
+        _close(u, v, dtype, name)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemm_operands_rounded_to_nearest(dtype):
-    """x = 0, a = 0, s = 1, W_d = I: p = x_noisy = eps rounded to the GEMM dtype, so the loss is
-    exactly the mean rounding error of eps (round to nearest even, as a GPU converts; truncation
-    doubles it), and dL/dW_d sees G' as rounded for GEMM 2."""
+    """x = 0, a = 0, s = 0.625, W_d = 1.6 I (rounded to the dtype: s W_d is 1 within 2^-10):
+    p = 1.6 round(0.625 eps) with eps itself rounded to the GEMM dtype, so D is mostly the
+    rounding error of x_noisy = 0.625 eps (0.625 eps is exact in float32: the kernel and the
+    oracle round the same value, ties included). Round to nearest even, as a GPU converts;
+    truncation (the interpreter's own bf16 conversion) moves the loss far past the tolerance.
+    dL/dW_d sees G' as rounded for GEMM 2."""
     M, K = 96, 40
+    s = 0.625
     x = torch.zeros(M, K, dtype=dtype, device=DEVICE)
-    w = torch.eye(K, dtype=dtype, device=DEVICE)
-    # float32 noise given (not drawn: the in-kernel eps differs from rng's in its last bits, and
-    # D = round(eps) - eps is small enough for those to flip sign D)
+    w = (1.6 * torch.eye(K)).to(DEVICE, dtype)
+    # float32 noise given (not drawn: the in-kernel eps differs from rng's in its last bits,
+    # which may round eps to another bf16 / fp16 value, and D is small enough to show that)
     eps = rng.normal(7, M, K, device=DEVICE)
-    loss, gw, _ = kernels("triton").denoise_loss_fwd(x, w, None, 0.0, 1.0, eps, torch.tensor(0), True)
-    ref_loss, ref_gw, _ = oracle.denoise_loss_grads(x, w, None, 0.0, 1.0, eps, dtype)
-    assert float(ref_loss) > 1e-4
+    loss, gw, _ = kernels("triton").denoise_loss_fwd(x, w, None, 0.0, s, eps, torch.tensor(0), True)
+    ref_loss, ref_gw, _ = oracle.denoise_loss_grads(x, w, None, 0.0, s, eps, dtype)
+    e = oracle.gemm_eps(eps, dtype)
+    assert float(ref_loss) > 1e-4 and float((e - eps.double()).abs().max()) > 0  # eps was rounded
     _close(loss, ref_loss, dtype, "loss")
     _close(gw, ref_gw, dtype, "dL/dW_d")
+    if dtype == torch.bfloat16:  # the loss with x_noisy truncated instead: far outside the tolerance
+        xn = (s * e).float().view(torch.int32).bitwise_and(-65536).view(torch.float32).double()
+        d = xn @ w.double().T - e
+        truncated = d.abs().mean() + d.square().mean()
+        assert abs(float(truncated - ref_loss)) > 100 * _tol(dtype)[0] * float(ref_loss)
 
 
-def test_denoise_loss_bitwise_deterministic():
-    """Several row blocks and column blocks (the partial sums), twice."""
+def test_denoise_loss_bitwise_deterministic(monkeypatch):
+    """Several row blocks and column blocks (the partial sums) and two row splits, twice."""
+    from drep_kernels.triton import denoise_loss as tdl
+
+    monkeypatch.setattr(tdl, "SPLIT_MIN_ROWS", 64)
     x, w, b, _ = _denoise_inputs(130, 33, torch.float32)
     run = lambda: kernels("triton").denoise_loss_fwd(x, w, b, A, S, None, torch.tensor(7), True)  # noqa: E731
     first, second = run(), run()
@@ -485,13 +541,14 @@ def test_gpu_large_shapes_autotuned(dtype):
     loss, gw, gb = kernels("triton").denoise_loss_fwd(x, w, b, a, s, eps, torch.tensor(0), True)
     ref_loss, ref_gw, ref_gb = oracle.denoise_loss_grads(x, w, b, a, s, eps, _gemm_dtype(dtype))
     # Over M K elements D falls within rounding of 0 somewhere (either sign(D) is right). The
-    # oracle rounds x_noisy as the kernel does, so only float32's roundings (the GEMM's
+    # oracle rounds eps and x_noisy as the kernel does, so only float32's roundings (the GEMM's
     # accumulation, p + b_d - eps) separate the two D's: the slack takes float32's unit roundoff.
     # And for bf16 G' = sign D + 2 D, formed in float32 here and float64 in the oracle, lands on
     # either side of a bf16 rounding tie for tens of elements: each moves a dL/dW_d element by
     # about 2e-5 of its scale (a CPU emulation of this shape's roundings), hence atol 1e-4 there
     # (dL/db_d sums G before that rounding).
-    slack_w, slack_b = oracle.sign_flip_slack(x, w, b, eps, torch.float32 if dtype != torch.float64 else dtype, a, s)
+    e = oracle.gemm_eps(eps, _gemm_dtype(dtype))
+    slack_w, slack_b = oracle.sign_flip_slack(x, w, b, e, torch.float32 if dtype != torch.float64 else dtype, a, s)
     _close(loss, ref_loss, dtype, "loss")
     _close(gw, ref_gw, dtype, "dL/dW_d", slack=slack_w, atol=1e-4 if dtype in (torch.float16, torch.bfloat16) else None)
     _close(gb, ref_gb, dtype, "dL/db_d", slack=slack_b)

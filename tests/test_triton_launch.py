@@ -97,7 +97,7 @@ def test_the_autotuning_call_returns_the_right_weight_gradient(monkeypatch):
 
 # Parameters of the loss's kernels other than pointers that no test below varies.
 _FIXED_ARGS = dict(
-    K=64, a_hi=0.5, a_lo=0.0, s_hi=0.5, s_lo=0.0, grad_scale=1.0, alpha=0.5, n_hi=4096.0, n_lo=0.0, HAS_DB=True,
+    K=64, split_rows=128, a_hi=0.5, a_lo=0.0, s_hi=0.5, s_lo=0.0, grad_scale=1.0, alpha=0.5, n_hi=4096.0, n_lo=0.0, HAS_DB=True,
     BLOCK=1024, stride_xm=64, stride_xk=1, stride_wn=64,
     stride_wk=1, stride_b=1, stride_em=64, stride_ek=1, part_cols=2, HAS_BIAS=True, HAS_NOISE=False,
     COMPUTE_GRAD=True, SEED_FROM_PTR=False, ACCUMULATE=True, GEMM_DTYPE=triton.language.bfloat16,
@@ -134,15 +134,19 @@ _CHUNKS = [(0, 1), (1, 16), (17, 17), (1024, 128), (12544, 1576)]
 _SEEDS = (1, 16, 17, 2**40 + 3, -5)
 
 
-@pytest.mark.parametrize("kernel", ["_noisy_input_kernel", "_loss_gemm_kernel", "_grad_gemm_kernel", "_finalize_kernel"])
+@pytest.mark.parametrize(
+    "kernel", ["_noisy_input_kernel", "_loss_gemm_kernel", "_grad_gemm_kernel", "_split_sum_kernel", "_finalize_kernel"]
+)
 def test_a_new_seed_or_batch_size_compiles_no_new_kernel(kernel):
     from triton.runtime import jit
 
     if not hasattr(jit, "create_function_from_signature"):
         pytest.fail(f"triton {triton.__version__}: find how its JIT computes the specialization key")
     fn = getattr(tdl, kernel)
-    if kernel == "_grad_gemm_kernel":  # no seed, no row0: only the chunk's rows vary
-        keys = {_specialization(fn, R=R) for _, R in _CHUNKS}
+    if kernel == "_grad_gemm_kernel":  # no seed, no row0: the chunk's rows and its splits' vary
+        keys = {_specialization(fn, R=R, split_rows=rows) for _, R in _CHUNKS for rows in (128, 1024, 4224, R)}
+    elif kernel == "_split_sum_kernel":  # the split count varies with the chunk's rows
+        keys = {_specialization(fn, splits=splits, numel=64 * 64) for splits in (2, 3, 16, 17)}
     elif kernel == "_finalize_kernel":  # the partials' counts vary with the batch
         keys = {_specialization(fn, n_loss=2 * R, db_rows=R) for _, R in _CHUNKS}
     else:
@@ -174,8 +178,8 @@ def test_compile_cache_gains_nothing_after_new_seeds_and_batch_sizes(monkeypatch
 def test_column_offsets_past_2_31_elements():
     # x and noise transposed in storage with a column stride of 2^26 elements: column k sits
     # at k 2^26, past 2^31 from k = 32 on. The storage is allocated, never touched but for the
-    # few rows read (the OS maps only those pages); int32 offsets wrap and read elsewhere. Both
-    # the x_noisy kernel (x, noise) and the loss kernel's epilogue (noise) read them.
+    # few rows read (the OS maps only those pages); int32 offsets wrap and read elsewhere. The
+    # x_noisy kernel reads both (and stores eps for the loss kernel's epilogue).
     import test_triton_backend as tb
 
     M, K, stride = 4, 64, 2**26
@@ -199,9 +203,8 @@ def test_column_offsets_past_2_31_elements():
 
 
 def test_a_seed_read_by_the_kernel_equals_the_seed_passed_by_value():
-    # The capture-safe path (the seed tensor on x's device, loaded by the x_noisy and the loss
-    # kernel) draws exactly the noise of the host path (the seed passed as an int), for seeds
-    # of any width.
+    # The capture-safe path (the seed tensor on x's device, loaded by the x_noisy kernel) draws
+    # exactly the noise of the host path (the seed passed as an int), for seeds of any width.
     x, w, b, _ = _inputs(37, 40)
 
     def run(seed):

@@ -7,8 +7,9 @@ one address (a lost update, or last-writer-wins, on a GPU) passes every oracle t
 1. the race check itself, on small kernels with and without races;
 2. every Triton kernel and path under ``record_stores()``: no byte stored by two programs of a
    launch, none read by one program and stored by another. The loss makes three launches per
-   row chunk (x_noisy, GEMM 1 with its epilogue, the dW_d GEMM), each checked, over one chunk
-   and several (the chunk budget lowered);
+   row chunk (x_noisy, GEMM 1 with its epilogue, the dW_d GEMM; a fourth, the sum of the dW_d
+   GEMM's row splits, where it splits), each checked, over one chunk and several (the chunk
+   budget lowered);
 3. the oracle tests of test_triton_backend.py with the grid walked in reverse (their forward
    order is that file's own run), and shapes whose K is a multiple of every block size the
    interpreter runs (32 for the GEMMs, 128 for the x_noisy kernel's columns; 64 also covers the
@@ -155,7 +156,7 @@ A, S, C1, C3 = tb.A, tb.S, tb.C1, tb.C3
 
 # The loss's launches per row chunk, and after the chunks (drep_kernels/triton/denoise_loss.py).
 NOISY, LOSS, GRAD = "_noisy_input_kernel", "_loss_gemm_kernel", "_grad_gemm_kernel"
-FINALIZE = "_finalize_kernel"
+SPLIT_SUM, FINALIZE = "_split_sum_kernel", "_finalize_kernel"
 
 
 def _launched(launches, names, chunks=1, tail=()):
@@ -203,6 +204,24 @@ def test_loss_chunks_race_free(monkeypatch, M, K, chunks):
     with record_stores() as launches:
         kernels("triton").denoise_loss_fwd(x, w, b, A, S, None, torch.tensor(5), True)
     _launched(launches, _loss_launches(True), chunks, tail=[FINALIZE])
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "chunks"])
+def test_loss_split_rows_race_free(monkeypatch, chunked):
+    # dL/dW_d's GEMM split over rows (128-row splits): each split's programs store their own
+    # slab, then _split_sum_kernel's programs store disjoint elements of dL/dW_d. One chunk of
+    # 300 rows (three splits), or chunks of 256, 256 and 88 rows (two, two, one).
+    from drep_kernels.triton import denoise_loss as tdl
+
+    monkeypatch.setattr(tdl, "SPLIT_MIN_ROWS", 64)
+    M, K = (600, 33) if chunked else (300, 33)
+    if chunked:
+        monkeypatch.setattr(tdl, "CHUNK_BYTES", 256 * K * 2 * F32.itemsize)
+    x, w, b, _ = tb._denoise_inputs(M, K, F32)
+    with record_stores() as launches:
+        kernels("triton").denoise_loss_fwd(x, w, b, A, S, None, torch.tensor(5), True)
+    split = (NOISY, LOSS, GRAD, SPLIT_SUM)
+    _launched(launches, split * 2 + _loss_launches(True) if chunked else split, tail=[FINALIZE])
 
 
 def test_loss_finalize_over_several_programs_race_free(monkeypatch):

@@ -252,14 +252,19 @@ def cublas_gemm(name: str, m: int, n: int, depth: int, dt: Dtype, gpu: Gpu, *, h
 
 
 def triton_gemm(name: str, m: int, n: int, depth: int, tile: tuple[int, int, int], dt: Dtype, gpu: Gpu, *,
-                operand_l2: float, unique: float, writes: float, philox: float = 0.0) -> Kernel:
+                operand_l2: float, unique: float, writes: float, philox: float = 0.0,
+                splits: tuple[int, ...] = ()) -> Kernel:
     """A Triton tiled GEMM: ``tile`` = (BLOCK rows, BLOCK columns, BLOCK depth) of the output
     m x n; ``operand_l2``: the bytes its programs load (each operand once per grid row / column),
-    ``unique``: each operand element once, ``writes``: its stores. Philox in the epilogue."""
+    ``unique``: each operand element once, ``writes``: its stores. Philox in the epilogue.
+    ``splits``: the depth of each split of the reduction (one program per tile and split), or
+    () for one split of ``depth``; the deepest split sets the depth efficiency."""
     bm, bn, bk = tile
-    programs = math.ceil(m / bm) * math.ceil(n / bn)
+    splits = splits or (depth,)
+    programs = math.ceil(m / bm) * math.ceil(n / bn) * len(splits)
     lib = "triton-fma" if dt.path == "fma" else "triton"
-    eff = GEMM_EFF[lib] * wave_eff(programs, gpu.sms) * depth_eff(depth)
+    eff = GEMM_EFF[lib] * wave_eff(programs, gpu.sms) * depth_eff(max(splits))
     hbm = unique + (1.0 - L2_HIT) * (operand_l2 - unique) + writes
-    return Kernel(name, hbm=hbm, l2=operand_l2, philox=philox, flops=2.0 * pad(m, bm) * pad(n, bn) * pad(depth, bk),
-                  path=dt.path, eff=eff, fused_philox=philox > 0)
+    flops = 2.0 * pad(m, bm) * pad(n, bn) * sum(pad(d, bk) for d in splits)
+    return Kernel(name, hbm=hbm, l2=operand_l2, philox=philox, flops=flops, path=dt.path, eff=eff,
+                  fused_philox=philox > 0)

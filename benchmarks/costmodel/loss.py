@@ -118,13 +118,16 @@ def eager(M: int, K: int, dt: Dtype, gpu: Gpu) -> list[Kernel]:
 
 # --- triton (drep_kernels/triton/denoise_loss.py, issue 12 design) ------------------------------
 # Constants as shipped (tests/test_costmodel.py checks them against the module).
-TRITON_CHUNK_BYTES = 64 << 20  # x_noisy and G' per element, in the GEMM dtype
+TRITON_CHUNK_BYTES = 64 << 20  # x_noisy and eps / G' per element, in the GEMM dtype
 TRITON_ROW_QUANTUM = 128
 TRITON_NOISY_TILE = (16, 128)  # _NOISY_CONFIG: BLOCK_M, BLOCK_K
 # The first (default) configs per GEMM path (denoise_loss._kernels): Dtype.path -> tile.
 TRITON_LOSS_TILE = {"tc16": (128, 128, 32), "tf32": (64, 128, 32), "fma": (64, 128, 32)}  # BLOCK_M, BLOCK_N, BLOCK_K
-TRITON_GRAD_TILE = {"tc16": (128, 64, 32), "tf32": (128, 64, 32), "fma": (128, 64, 32)}  # BLOCK_N, BLOCK_K, BLOCK_R
+TRITON_GRAD_TILE = {"tc16": (128, 128, 32), "tf32": (128, 128, 32), "fma": (128, 64, 32)}  # BLOCK_N, BLOCK_K, BLOCK_R
 TRITON_PART_BLOCK = 64  # the smallest BLOCK_M / BLOCK_N of the configs: sizes the partial buffers
+# The dW_d GEMM's split over rows (denoise_loss.grad_splits): one wave of 128 x 128 tiles.
+TRITON_SPLIT_TILE = 128
+TRITON_SPLIT_MIN_ROWS = 512
 
 
 def triton_chunk_rows(M: int, K: int, size: int, chunk_bytes: int = TRITON_CHUNK_BYTES) -> int:
@@ -133,12 +136,21 @@ def triton_chunk_rows(M: int, K: int, size: int, chunk_bytes: int = TRITON_CHUNK
     return min(M, max(elems // K // TRITON_ROW_QUANTUM * TRITON_ROW_QUANTUM, TRITON_ROW_QUANTUM))
 
 
+def triton_grad_splits(R: int, K: int, sms: int, min_rows: int = TRITON_SPLIT_MIN_ROWS) -> list[int]:
+    """Rows of each split of a chunk's R rows in the dW_d GEMM on ``sms`` SMs."""
+    want = min(sms // math.ceil(K / TRITON_SPLIT_TILE) ** 2, R // min_rows)
+    if want <= 1:
+        return [R]
+    return chunks(R, math.ceil(math.ceil(R / want) / TRITON_ROW_QUANTUM) * TRITON_ROW_QUANTUM)
+
+
 def chunks(M: int, rows: int) -> list[int]:
     """Rows of each chunk, in order."""
     return [min(rows, M - r0) for r0 in range(0, M, rows)]
 
 
-def triton(M: int, K: int, dt: Dtype, gpu: Gpu, chunk_bytes: int = TRITON_CHUNK_BYTES) -> list[Kernel]:
+def triton(M: int, K: int, dt: Dtype, gpu: Gpu, chunk_bytes: int = TRITON_CHUNK_BYTES,
+           split_min_rows: int = TRITON_SPLIT_MIN_ROWS) -> list[Kernel]:
     s = dt.size
     rows = triton_chunk_rows(M, K, s, chunk_bytes)
     parts = chunks(M, rows)
@@ -150,30 +162,37 @@ def triton(M: int, K: int, dt: Dtype, gpu: Gpu, chunk_bytes: int = TRITON_CHUNK_
     gn, gk, gr = TRITON_GRAD_TILE[dt.path]
     ks = _seed_draw() + [stream("zeros: loss and dL/db_d partials (one buffer)", loss_part + db_part)]
     for c, R in enumerate(parts):
-        # _noisy_input_kernel: x read (s), x_noisy written (s); one Philox call per four
-        # elements of every (BLOCK_M x BLOCK_K) tile, masked lanes included.
-        ks.append(stream(f"chunk {c}: _noisy_input_kernel", 2 * R * K * s, philox=pad(R, nm) * pad(K, nk) / 4))
+        # _noisy_input_kernel: x read (s), eps and x_noisy written (s each); one Philox call per
+        # four elements of every (BLOCK_M x BLOCK_K) tile, masked lanes included.
+        ks.append(stream(f"chunk {c}: _noisy_input_kernel", 3 * R * K * s, philox=pad(R, nm) * pad(K, nk) / 4))
         # _loss_gemm_kernel: each of the ceil(K / BLOCK_N) column programs of a row block loads
         # its rows of x_noisy (R x K in all per column block); each row block loads all of W_d
-        # (and b_d). Stores: G' (s), |D| and D^2 sums per program, db_d column sums per row block.
-        # Epilogue: eps regenerated, one Philox call per four elements of the padded tile.
+        # (and b_d). Epilogue: its eps tile read once (s), no Philox. Stores: G' (s, over eps),
+        # |D| and D^2 sums per program, db_d column sums per row block.
         programs = math.ceil(R / bm) * math.ceil(K / bn)
         ks.append(triton_gemm(
             f"chunk {c}: _loss_gemm_kernel (GEMM 1 + epilogue)", R, K, K, (bm, bn, bk), dt, gpu,
             operand_l2=R * K * s * math.ceil(K / bn) + math.ceil(R / bm) * (K * K * s + K * s),
-            unique=R * K * s + K * K * s + K * s,
+            unique=2 * R * K * s + K * K * s + K * s,
             writes=R * K * s + programs * 2 * ACC + math.ceil(R / bm) * K * ACC,
-            philox=pad(R, bm) * pad(K, bn) / 4,
         ))
-        # _grad_gemm_kernel: dW_d tile (BLOCK_N x BLOCK_K) per program, depth R: G' is loaded by
-        # the ceil(K / BLOCK_K) programs of its column block, x_noisy by the ceil(K / BLOCK_N) of
-        # its; alpha dW_d written (float32), and read first from the second chunk on (beta = 1).
+        # _grad_gemm_kernel: dW_d tile (BLOCK_N x BLOCK_K) per program and row split: G' is
+        # loaded by the ceil(K / BLOCK_K) programs of its column block, x_noisy by the
+        # ceil(K / BLOCK_N) of its. One split: alpha dW_d written (float32), and read first from
+        # the second chunk on (beta = 1). Several: a K x K float32 slab per split, then
+        # _split_sum_kernel reads the slabs (and dW_d from the second chunk on), writes dW_d.
+        splits = triton_grad_splits(R, K, gpu.sms, split_min_rows)
+        accumulate = 2 if c > 0 else 1
         ks.append(triton_gemm(
-            f"chunk {c}: _grad_gemm_kernel (GEMM 2)", K, K, R, (gn, gk, gr), dt, gpu,
+            f"chunk {c}: _grad_gemm_kernel (GEMM 2, {len(splits)} row split{'s' if len(splits) > 1 else ''})",
+            K, K, R, (gn, gk, gr), dt, gpu,
             operand_l2=R * K * s * (math.ceil(K / gk) + math.ceil(K / gn)),
             unique=2 * R * K * s,
-            writes=K * K * ACC * (2 if c > 0 else 1),
+            writes=K * K * ACC * (len(splits) if len(splits) > 1 else accumulate),
+            splits=tuple(splits),
         ))
+        if len(splits) > 1:
+            ks.append(stream(f"chunk {c}: _split_sum_kernel", K * K * ACC * (len(splits) + accumulate)))
     # _finalize_kernel: every partial read once, the loss and dL/db_d written.
     ks.append(stream("_finalize_kernel: loss, dL/db_d", loss_part + db_part + ACC + K * ACC))
     return ks + _autograd_tail(K, dt)

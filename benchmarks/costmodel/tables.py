@@ -271,11 +271,12 @@ def _target_notes() -> list[str]:
         fl = floor_seconds("denoise_loss", dtype=dt, gpu=TARGET_GPU, **_shape("denoise_loss", K, M=M))
         gemms = loss_t("floor", K).seconds
         one_pass = M * math.ceil(K / 4) * gpu.philox_s
+        passes = ", ".join(f"{loss_t(d, K).label} {loss_t(d, K).philox / (M * K / 4):.2g}" for d in GPU_BACKEND_DESIGNS)
         notes.append(
             f"- {limit:g}x the floor at K = {K} is {limit * fl * 1e6:.0f} us in all. The two GEMMs alone, at the "
             f"model's cuBLAS efficiency (the benchmark's floor contender), take {gemms * 1e6:.0f} us "
-            f"({gemms / fl:.2f}x); one Philox pass over x takes {one_pass * 1e6:.0f} us ({one_pass / fl:.2f}x), "
-            "and every design here draws the noise twice (x_noisy, then eps again in the epilogue)."
+            f"({gemms / fl:.2f}x); one Philox pass over x takes {one_pass * 1e6:.0f} us ({one_pass / fl:.2f}x). "
+            f"Noise passes (one Philox call per four elements of x each) per design: {passes}."
         )
     eager = loss_t("eager", 768).seconds
     for d in GPU_BACKEND_DESIGNS:

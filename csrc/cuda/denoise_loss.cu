@@ -6,10 +6,11 @@
 // stream. Per chunk, five launches:
 //   1. noisy_input_kernel: x_noisy = a x + s eps (L1), rounded once to the input dtype (the GEMM
 //      dtype), into a chunk buffer; eps is N1's counter-based stream (csrc/philox.h), one Philox
-//      call per group of four columns, or the given noise; x and noise are read with strides.
+//      call per group of four columns, or the given noise, rounded once to the GEMM dtype (the
+//      precision policy) before x_noisy is formed; x and noise are read with strides.
 //   2. GEMM 1 (cuBLAS, common.cuh gemm, beta = 0): p = x_noisy W_d^T, float32 result.
 //   3. loss_epilogue_kernel, one block per stripe of whole rows: eps regenerated per group of
-//      four (one Philox call each, as in 1), D = p + b_d - eps, |D| + D^2 summed per stripe
+//      four (one Philox call each, rounded, as in 1), D = p + b_d - eps, |D| + D^2 summed per stripe
 //      (fixed-order tree), G' = sign(D) + 2 D written over p in the GEMM dtype (in place: half
 //      dtypes on the first half of each of p's rows), and its column sums per stripe (L2).
 //   4. finalize_chunk_kernel: adds the chunk's stripe partials, in a fixed order and in float64,
@@ -58,7 +59,7 @@
 // stripes of one row per lane up to R = 4096, then about 512 (256 to 512), more above 32768
 // rows. Each rows-per-lane count is its own instantiation of the epilogue (its rows unrolled).
 // Compiled for sm_90 (nvcc 13.0 -Xptxas -v), registers of the epilogue for 1 / 2 / 4 / 8 rows
-// per lane: 72 / 74 / 112 / 114 for bf16 / fp16 (three, three, two, two 256-thread blocks per
+// per lane: 71-72 / 80 / 92 / 114 for bf16 / fp16 (three, three, two, two 256-thread blocks per
 // SM), 64 / 64 / 74 / 82 for float32; sm_80 a few fewer; no spills on either. Unmeasured.
 // G' is stored without the 1 / n so that fp16 does not underflow (G = G' / n would be ~1e-9 for
 // large batches); fp16 stores G' 2^-14 so that it overflows only past |D| ~ 5.4e8, and saturates
@@ -149,11 +150,13 @@ __device__ __forceinline__ acc_t given_noise(const NoiseSource& ns, int64_t m, i
   }
 }
 
-// eps of row m, columns 4q .. 4q + 3 (entries past K are not eps and never read). Seeded: N1's
-// counter m ceil(K / 4) + q (64-bit), one Philox call for the four. Every kernel of this file
-// draws its noise here, the prologue and the epilogue alike. e is indexed by constants only
-// (its callers unroll), so it stays in registers.
-template <typename acc_t>
+// eps of row m, columns 4q .. 4q + 3 (entries past K are not eps and never read), rounded once to
+// the GEMM dtype gemm_t (the precision policy: the noise the GEMMs and the loss see; nothing
+// changes for float32 and float64 GEMMs), returned in acc_t. Seeded: N1's counter
+// m ceil(K / 4) + q (64-bit), one Philox call for the four. Every kernel of this file draws its
+// noise here, the prologue and the epilogue alike. e is indexed by constants only (its callers
+// unroll), so it stays in registers.
+template <typename gemm_t, typename acc_t>
 __device__ __forceinline__ void noise_group(const NoiseSource& ns, int64_t m, int64_t q, acc_t e[4]) {
   if (ns.ptr == nullptr) {
     float four[4];
@@ -161,14 +164,14 @@ __device__ __forceinline__ void noise_group(const NoiseSource& ns, int64_t m, in
                    four);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      e[j] = static_cast<acc_t>(four[j]);
+      e[j] = static_cast<acc_t>(static_cast<gemm_t>(static_cast<acc_t>(four[j])));
     }
     return;
   }
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const int64_t col = 4 * q + j;
-    e[j] = col < ns.k ? given_noise<acc_t>(ns, m, col) : acc_t(0);
+    e[j] = col < ns.k ? static_cast<acc_t>(static_cast<gemm_t>(given_noise<acc_t>(ns, m, col))) : acc_t(0);
   }
 }
 
@@ -186,7 +189,7 @@ __global__ void noisy_input_kernel(const scalar_t* x, int64_t xs0, int64_t xs1, 
     const int64_t q = i - r * groups;
     const int64_t m = row0 + r;
     acc_t e[4];
-    noise_group(ns, m, q, e);
+    noise_group<scalar_t>(ns, m, q, e);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int64_t col = 4 * q + j;
@@ -301,7 +304,7 @@ __global__ void __launch_bounds__(kFinalThreads, kRows >= 4 ? 2 : 1)
       for (int i = 0; i < kRows; ++i) {
         if (i < n_here) {
           acc_t e[4];
-          noise_group(ns, m, group, e);
+          noise_group<gemm_t>(ns, m, group, e);
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             if (col0 + j < k) {
@@ -601,7 +604,7 @@ __global__ void __launch_bounds__(kFinalThreads)
       if (i < n_here) {
         const int64_t r = me.row(i);
         float e[4];
-        noise_group(ns, row0 + r, group, e);
+        noise_group<float>(ns, row0 + r, group, e);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           if (col0 + j < ns.k) {
@@ -613,9 +616,9 @@ __global__ void __launch_bounds__(kFinalThreads)
   }
 }
 
-// drep::_denoise_noise (test hook, csrc/ops.cpp): eps rows as this file's kernels draw them:
-// the prologue's (noisy_input_kernel with x = 0, a = 0, s = 1), or with per_element the loss
-// epilogue's (epilogue_noise_kernel). The name per_element is the op schema's, from when the
+// drep::_denoise_noise (test hook, csrc/ops.cpp): eps rows as this file's kernels draw them (in
+// float32, before any GEMM dtype's rounding): the prologue's (noisy_input_kernel with x = 0,
+// a = 0, s = 1), or with per_element the loss epilogue's (epilogue_noise_kernel). The name per_element is the op schema's, from when the
 // epilogue drew one element per Philox call; it now draws groups of four in its own layout.
 at::Tensor denoise_noise_cuda(const at::Tensor& like, const at::Tensor& seed, int64_t row0, int64_t rows,
                               int64_t cols, bool per_element) {

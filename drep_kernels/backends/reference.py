@@ -4,8 +4,8 @@ It is the oracle every other backend is tested against, and the fallback that wo
 device and dtype. Each function here is a *kernel*: it receives validated 2-D inputs from
 ``drep_kernels.ops`` and returns plain tensors; autograd lives in ``drep_kernels.ops``.
 The loss follows the precision policy (``drep_kernels.precision``) with its roundings: on CUDA
-tensors, half-precision inputs have x_noisy and G' rounded to the input dtype as the GEMM
-operands (the tensor-core policy of the cuda and triton backends), on CPU tensors they are
+tensors, half-precision inputs have eps, x_noisy and G' rounded to the input dtype (the
+tensor-core policy of the cuda and triton backends), on CPU tensors they are
 computed in float32 (the cpu backend's); float64 is float64 throughout. The merge is computed in
 float32 (float64) from the weights as given.
 """
@@ -46,9 +46,10 @@ def denoise_loss_fwd(
     """
     cdt = compute_dtype(x.dtype)
     M, K = x.shape
-    eps = noise_for(x, noise, seed)
     gemm = precision.gemm_dtype(x.dtype, precision.on_tensor_cores("torch", x.device))
-    # The policy's one rounding of GEMM 1's operand (W_d is in the input dtype already).
+    # The policy's roundings: eps, then GEMM 1's operand x_noisy formed from that eps (W_d is in
+    # the input dtype already).
+    eps = precision.round_to_gemm(noise_for(x, noise, seed), gemm)
     x_noisy = precision.round_to_gemm(a * x.to(cdt) + s * eps, gemm)
     p = x_noisy @ denoise_weight.to(cdt).T
     if denoise_bias is not None:

@@ -83,10 +83,15 @@ def check_device(*tensors: torch.Tensor) -> None:
             )
 
 
+# The SM count grids are sized for where the tensors are not on a GPU (the interpreter, the AOT
+# builds of benchmarks/triton_aot.py): an H100's, so that they take the paths an H100 takes.
+HOST_SMS = 132
+
+
 def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+    return HOST_SMS
 
 
 def config(configs: list[triton.Config], default: triton.Config, interpret: triton.Config):

@@ -1,39 +1,45 @@
-"""Triton denoising loss (docs/method.md, L1 and L2): three tensor-core launches per row chunk.
+"""Triton denoising loss (docs/method.md, L1 and L2): per row chunk a noise pass and two tensor-core GEMMs.
 
-x (M x K) is processed in chunks of R rows (x_noisy and G' of R rows within ``CHUNK_BYTES``,
-R a multiple of 128), in order. Per chunk, with GEMM dtype T (the input dtype,
+x (M x K) is processed in chunks of R rows (x_noisy and eps / G' of R rows within
+``CHUNK_BYTES``, R a multiple of 128), in order. Per chunk, with GEMM dtype T (the input dtype,
 ``drep_kernels.precision``):
 
-1. ``_noisy_input_kernel``: x_noisy = a x + s eps (L1) formed in float32 (float64), rounded
-   once to T into the chunk buffer (R x K, row-major). eps is N1's stream, tl.randn4x: one
-   Philox call per four elements, or the given noise; x and noise are read through strides.
+1. ``_noisy_input_kernel``: eps (N1's stream, tl.randn4x: one Philox call per four elements, or
+   the given noise) rounded once to T and stored in the chunk's eps / G' buffer; x_noisy = a x
+   + s eps (L1) formed from that eps in float32 (float64), rounded once to T into the x_noisy
+   buffer (both R x K, row-major). x and noise are read through strides.
 2. ``_loss_gemm_kernel``: p = x_noisy W_d^T on tensor cores (bf16 / fp16 operands, or TF32 /
    IEEE float32 as torch's matmuls; float32 accumulation), and in the epilogue, with p still in
-   registers: + b_d, eps regenerated for the tile (one Philox call per four elements, the same
-   code as step 1, so bit-for-bit the same eps), D = p - eps, the program's sums of |D| and D^2,
-   and with gradients G' = sign D + 2 D: its column sums (db_d) and G' itself, written in T over
-   the chunk's G' buffer (float16: times 2^-14, saturating). p never reaches memory.
+   registers: + b_d, the tile's eps loaded, D = p - eps, the program's sums of |D| and D^2, and
+   with gradients G' = sign D + 2 D: its column sums (db_d) and G' itself, written in T over
+   the eps it was formed from (float16: times 2^-14, saturating). p never reaches memory.
 3. ``_grad_gemm_kernel``: dL/dW_d += alpha G'^T x_noisy, float32 accumulation on tensor cores,
    into the K x K float32 result in place (chunk 0 writes it, later chunks add: beta = 1);
    alpha = 1 / (M K) over G's scale, so no pass over dL/dW_d follows (float32; float64 is
-   scaled after the loop).
+   scaled after the loop). Where dL/dW_d has too few tiles to fill the GPU (``grad_splits``:
+   K up to about 1400 on 132 SMs), the chunk's rows are split: each split writes its partial
+   to a workspace slab and 4. ``_split_sum_kernel`` adds the slabs to dL/dW_d in split order.
 
 Around the loop: one fill (the partial-sum buffers, zeroed together) before it, and after it
 ``_finalize_kernel``: the loss and dL/db_d from all partials, in float64, divided by M K.
 
-Per element of x (bf16): x read once (2 B) and the noise drawn once in step 1; x_noisy written
-(2 B) and read by both GEMMs; eps drawn once more in step 2's epilogue; G' written (2 B) and
-read once. Two Philox calls per four elements in all, 2 M K^2 FLOPs per GEMM, three launches
-per chunk plus two. Nothing of size M x K outlives the call; the workspace is two R x K buffers
-in T (together at most 64 MiB: 2^24 elements of bf16 / fp16, 2^23 of float32, 2^22 of
-float64), the K x K result and per-program partial sums. benchmarks/costmodel counts the same
-per shape.
+Per element of x (bf16): x read once (2 B) and the noise drawn once, in step 1; eps written
+(2 B) and read once; x_noisy written (2 B) and read by both GEMMs; G' written (2 B) and read
+once. One Philox call per four elements: storing eps (4 B of traffic per element) costs less
+than drawing it again in the epilogue (about 30 us per pass at M = 12608, K = 768 on an H100,
+issue 12's anchor), and the epilogue keeps no Philox state in registers. 2 M K^2 FLOPs per
+GEMM, three launches per chunk (four with a split) plus two. Nothing of size M x K outlives the
+call; the workspace is two R x K buffers in T (together at most 64 MiB: 2^24 elements of bf16 /
+fp16, 2^23 of float32, 2^22 of float64), the K x K result, the split slabs (at most one wave of
+128 x 128 tiles: 8.7 MB on 132 SMs) and per-program partial sums. benchmarks/costmodel counts
+the same per shape.
 
 Determinism: no atomics. Every program writes its own partial-sum cells, which
 ``_finalize_kernel`` sums in a fixed order (loops over a fixed-shape buffer); each dW_d tile is
-owned by one program that walks the chunk's rows in order, and chunks are added in order.
-Results depend on the config (block sizes), fixed per shape once autotuned
-(DREP_TRITON_AUTOTUNE=0 pins the default, the first config of the kernel ``_kernels`` picks).
+owned by one program per split that walks the split's rows in order, splits and chunks are
+added in order. Results depend on the config (block sizes), fixed per shape once autotuned
+(DREP_TRITON_AUTOTUNE=0 pins the default, the first config of the kernel ``_kernels`` picks),
+and on the split count (fixed by M, K and the GPU's SM count).
 """
 from __future__ import annotations
 
@@ -99,13 +105,15 @@ _DATA_ARGS = ("seed", "row0", "R")
 
 @triton.jit(do_not_specialize=_DATA_ARGS)
 def _noisy_input_kernel(
-    x_ptr, noise_ptr, xn_ptr,
+    x_ptr, noise_ptr, xn_ptr, eps_ptr,
     row0, R, K, seed: tl.int64, seed_ptr, a_hi, a_lo, s_hi, s_lo,
     stride_xm, stride_xk, stride_em, stride_ek,
     HAS_NOISE: tl.constexpr, SEED_FROM_PTR: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # L1's x_noisy = a x + s eps for rows row0 .. row0 + R - 1, rounded once to xn's dtype.
+    # L1's eps for rows row0 .. row0 + R - 1, rounded once to the GEMM dtype (eps's and xn's):
+    # stored for the loss kernel's epilogue; and x_noisy = a x + s eps from that eps, rounded
+    # once to the GEMM dtype.
     seed = _seed(seed, seed_ptr, SEED_FROM_PTR)
     offs_r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows within the chunk
     k0 = tl.program_id(1) * BLOCK_K
@@ -115,26 +123,28 @@ def _noisy_input_kernel(
     mask = (offs_r < R)[:, None] & (offs_k < K)[None, :]
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
     eps = _eps_tile(noise_ptr, offs_m, k0, mask, K, seed, stride_em, stride_ek, BLOCK_K, HAS_NOISE, ACC_DTYPE)
+    eps = rounded(eps, eps_ptr.dtype.element_ty)
     a = join_scalar(a_hi, a_lo, ACC_DTYPE)
     s = join_scalar(s_hi, s_lo, ACC_DTYPE)
-    xn = a * x.to(ACC_DTYPE) + s * eps
+    xn = a * x.to(ACC_DTYPE) + s * eps.to(ACC_DTYPE)
     # Chunk offsets r K + k stay below R K <= 2^31 (checked on the host): int32 is enough.
-    ptrs = xn_ptr + offs_r[:, None] * K + offs_k[None, :]
-    tl.store(ptrs, rounded(xn, xn_ptr.dtype.element_ty), mask=mask)
+    offs = offs_r[:, None] * K + offs_k[None, :]
+    tl.store(eps_ptr + offs, eps, mask=mask)
+    tl.store(xn_ptr + offs, rounded(xn, xn_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=_DATA_ARGS)
+@triton.jit(do_not_specialize=("R",))
 def _loss_gemm_kernel(
-    xn_ptr, wd_ptr, bd_ptr, noise_ptr, g_ptr, loss_part_ptr, db_part_ptr,
-    row0, R, K, seed: tl.int64, seed_ptr, grad_scale,
-    stride_wn, stride_wk, stride_b, stride_em, stride_ek, part_cols,
-    HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
+    xn_ptr, wd_ptr, bd_ptr, g_ptr, loss_part_ptr, db_part_ptr,
+    R, K, grad_scale, stride_wn, stride_wk, stride_b, part_cols,
+    HAS_BIAS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     GEMM_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, SATURATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # L1: p = x_noisy W_d^T + b_d, D = p - eps, the program's sums of |D| and D^2.
-    # L2 (COMPUTE_GRAD): G' = sign D + 2 D, its column sums (db_d) and G' in GEMM_DTYPE.
-    seed = _seed(seed, seed_ptr, SEED_FROM_PTR)
+    # L1: p = x_noisy W_d^T + b_d, D = p - eps, the program's sums of |D| and D^2; eps is read
+    # from g_ptr, where _noisy_input_kernel stored it (in GEMM_DTYPE).
+    # L2 (COMPUTE_GRAD): G' = sign D + 2 D, its column sums (db_d) and G' in GEMM_DTYPE, stored
+    # over the eps tile it was formed from (this program's own: no other program reads it).
     # GROUP_M row blocks share each W_d column block while it is in L2.
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(R, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
 
@@ -158,8 +168,8 @@ def _loss_gemm_kernel(
     if HAS_BIAS:
         acc += tl.load(bd_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
     mask = mask_r[:, None] & mask_n[None, :]
-    offs_m = row0 + offs_r.to(tl.int64)  # N1 counts rows of the whole input (int64 counters)
-    eps = _eps_tile(noise_ptr, offs_m, pid_n * BLOCK_N, mask, K, seed, stride_em, stride_ek, BLOCK_N, HAS_NOISE, ACC_DTYPE)
+    g_ptrs = g_ptr + offs_r[:, None] * K + offs_n[None, :]
+    eps = tl.load(g_ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
     d = tl.where(mask, acc - eps, 0.0)
     part = (pid_m.to(tl.int64) * part_cols + pid_n) * 2
     tl.store(loss_part_ptr + part, tl.sum(tl.sum(tl.abs(d), axis=1), axis=0))
@@ -171,35 +181,44 @@ def _loss_gemm_kernel(
         g = g * grad_scale
         if SATURATE:  # float16: its largest finite value instead of inf; NaN stays NaN
             g = tl.where(g != g, g, tl.minimum(tl.maximum(g, -65504.0), 65504.0))
-        tl.store(g_ptr + offs_r[:, None] * K + offs_n[None, :], rounded(g, GEMM_DTYPE), mask=mask)
+        tl.store(g_ptrs, rounded(g, GEMM_DTYPE), mask=mask)
 
 
-@triton.jit(do_not_specialize=("R",))
+@triton.jit(do_not_specialize=("R", "split_rows"))
 def _grad_gemm_kernel(
-    g_ptr, xn_ptr, dw_ptr, R, K, alpha,
+    g_ptr, xn_ptr, dw_ptr, R, K, split_rows, alpha,
     ACCUMULATE: tl.constexpr, GEMM_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     # L2: dW_d[n, k] (+)= alpha sum over the chunk's rows r of G'[r, n] x_noisy[r, k], in
     # ACC_DTYPE; alpha = 1 / (M K grad_scale) turns G' into G (no scaling pass afterwards).
+    # Split over rows: program p sums the rows of split p // tiles (split_rows of them, from
+    # split p // tiles times split_rows) for dW_d tile p % tiles, into the split's own K x K
+    # slab at dw_ptr (one split: dW_d itself; several: a workspace _split_sum_kernel adds up).
     # The operands go to the dot as stored: GEMM_DTYPE states their dtype, as the loss kernel's
     # does (benchmarks/triton_aot.py reads it to know a tensor-core path).
     tl.static_assert(
         (GEMM_DTYPE == g_ptr.dtype.element_ty) & (GEMM_DTYPE == xn_ptr.dtype.element_ty),
         "G' and x_noisy must be stored in GEMM_DTYPE",
     )
-    pid_n, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(K, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_N)
+    tiles_n = tl.cdiv(K, BLOCK_N)
+    tiles_k = tl.cdiv(K, BLOCK_K)
+    split = tl.program_id(0) // (tiles_n * tiles_k)
+    pid_n, pid_k = grouped_tile(tl.program_id(0) - split * tiles_n * tiles_k, tiles_n, tiles_k, GROUP_N)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_n = offs_n < K
     mask_k = offs_k < K
+    rows = tl.minimum(R - split * split_rows, split_rows)  # the split's rows, from row split * split_rows
     offs_rl = tl.arange(0, BLOCK_R)
-    gt_ptrs = g_ptr + offs_rl[None, :] * K + offs_n[:, None]  # G'^T: (n, r) reads G'[r, n]
-    xn_ptrs = xn_ptr + offs_rl[:, None] * K + offs_k[None, :]
+    # Chunk offsets r K + k stay below R K <= 2^31 (checked on the host): int32 is enough.
+    first = split * split_rows * K
+    gt_ptrs = g_ptr + first + offs_rl[None, :] * K + offs_n[:, None]  # G'^T: (n, r) reads G'[r, n]
+    xn_ptrs = xn_ptr + first + offs_rl[:, None] * K + offs_k[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
-    for r0 in range(0, R, BLOCK_R):
-        mask_r = r0 + offs_rl < R
+    for r0 in range(0, rows, BLOCK_R):
+        mask_r = r0 + offs_rl < rows
         gt = tl.load(gt_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
         xn = tl.load(xn_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
         acc = dot(gt, xn, acc, INPUT_PRECISION, ACC_DTYPE)
@@ -211,10 +230,27 @@ def _grad_gemm_kernel(
     if ACC_DTYPE == tl.float32:
         acc = acc * alpha
     mask = mask_n[:, None] & mask_k[None, :]
-    dw_ptrs = dw_ptr + offs_n[:, None] * K + offs_k[None, :]
-    if ACCUMULATE:  # beta = 1: the chunks before this one
+    dw_ptrs = dw_ptr + split.to(tl.int64) * K * K + offs_n[:, None] * K + offs_k[None, :]
+    if ACCUMULATE:  # beta = 1: the chunks before this one (one split only)
         acc += tl.load(dw_ptrs, mask=mask, other=0.0)
     tl.store(dw_ptrs, acc, mask=mask)
+
+
+@triton.jit(do_not_specialize=("splits",))
+def _split_sum_kernel(ws_ptr, dw_ptr, splits, numel, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr):
+    # dW_d (+)= the chunk's split partials (splits slabs of numel = K^2 at ws_ptr), added in
+    # split order after the chunks before (ACCUMULATE): a fixed order, so deterministic.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    if ACCUMULATE:
+        total = tl.load(dw_ptr + offs, mask=mask, other=0.0)
+    else:
+        total = tl.zeros((BLOCK,), dtype=dw_ptr.dtype.element_ty)
+    ptrs = ws_ptr + offs  # steps by numel per split: no int32 product split K^2
+    for _ in range(0, splits):
+        total += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += numel
+    tl.store(dw_ptr + offs, total, mask=mask)
 
 
 @triton.jit(do_not_specialize=("n_loss", "db_rows"))  # both change with M: no recompiles
@@ -245,6 +281,18 @@ def _finalize_kernel(
 
 
 _FINALIZE_BLOCK = 1024
+_SPLIT_SUM_BLOCK = 1024
+
+# dL/dW_d's split over rows. Its K x K output has few tiles for a chunk's R rows of depth (36 of
+# 128 x 128 at K = 768, 9 at K = 384), which alone would leave most of an H100's 132 SMs idle:
+# the rows are split so that splits x tiles fills one wave. Each split stores its float32
+# partial of dW_d in a workspace slab (at most one wave of 128 x 128 tiles: 8.7 MB on 132 SMs,
+# float64 twice that), and _split_sum_kernel adds them up in order. Splits hold whole multiples
+# of 128 rows (of every BLOCK_R) and at least SPLIT_MIN_ROWS (tests lower it), so a split's
+# main loop stays deep; the split count depends on R, K and the SM count only (not on the
+# autotuned config), so a config's rounding is the same whatever the autotuner times.
+_SPLIT_TILE = 128
+SPLIT_MIN_ROWS = 512
 
 
 # Untuned (no GPU where this was written): configs that compile without spills for sm_80 and
@@ -252,16 +300,19 @@ _FINALIZE_BLOCK = 1024
 # benchmarks/results/triton-aot-sm80-sm90*.md).
 # - x_noisy: 16 elements per thread on 4 warps. 32 per thread spill under triton 3.6 (its ptxas
 #   holds them in 128 registers), and 32 x 128 on 8 warps under triton 3.9 (it aims at 80).
-# - The loss GEMM: 64-row tiles (one wgmma warp group's rows) on 8 warps, with maxnreg=255:
-#   without a cap ptxas aims at 128 registers on its own and spills the epilogue's Philox /
-#   Box-Muller state (tf32 and bf16 at 128 x 64); with it the tensor-core paths take 80 to 160
-#   registers and the FMA paths (IEEE float32, float64) up to 255, spill-free. 128 x 64 still
-#   spills 4 B (IEEE float32, sm_90, triton 3.6) and 128 x 128 up to 400 B on those paths.
+# - The loss GEMM: 64-row tiles (one wgmma warp group's rows) on 8 warps, with maxnreg=255: the
+#   FMA paths (IEEE float32, float64) take up to 255 registers, spill-free. (The tile choices
+#   below were made when the epilogue still drew its noise, whose Philox / Box-Muller state
+#   spilled without the cap; it now loads eps, which needs fewer registers, and the AOT tables
+#   show the shipped configs, not whether larger ones would now compile clean.) 128 x 64
+#   spilled 4 B (IEEE float32, sm_90, triton 3.6) and 128 x 128 up to 400 B on those paths.
 # - Wider tiles where they compile clean: bf16 / fp16 run the loss GEMM on 128 x 128 tiles first
-#   (235 to 246 registers; TF32 spills 32 to 36 B on sm_90 there), which read each operand from
-#   L2 half as often as 64 x 128 ones (the cost model's bound on this GEMM, benchmarks/costmodel);
-#   bf16 / fp16 / TF32 may also autotune the dL/dW_d GEMM to 128 x 128 dW_d tiles (IEEE float32
-#   spills 256 B on sm_80 there, triton 3.8).
+#   (TF32 spilled 32 to 36 B on sm_90 there), which read each operand from L2 half as often as
+#   64 x 128 ones (the cost model's bound on this GEMM, benchmarks/costmodel);
+#   bf16 / fp16 / TF32 run the dL/dW_d GEMM on 128 x 128 dW_d tiles first (IEEE float32 spills
+#   256 B on sm_80 there, triton 3.8): with the split over rows their fewer tiles no longer
+#   leave SMs idle. The 64 x 64 dL/dW_d config has maxnreg=255 too: without it triton 3.9 held
+#   IEEE float32 in 72 registers on sm_90 and spilled 12 B.
 _NOISY_CONFIG = {"BLOCK_M": 16, "BLOCK_K": 128}
 _NOISY_WARPS = 4
 _LOSS_CONFIGS = [
@@ -270,16 +321,14 @@ _LOSS_CONFIGS = [
 ]
 _GRAD_CONFIGS = [
     triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_N": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_N": 8}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_N": 8}, num_warps=4, num_stages=3, maxnreg=255),
 ]
 _LOSS_CONFIGS_128 = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3, maxnreg=255)
 ] + _LOSS_CONFIGS
-# The dW_d GEMM's 128 x 128 tiles come last, for the autotuner only: its K x K output has few
-# tiles (36 at K = 768), and without a split over rows fewer tiles leave more SMs idle.
-_GRAD_CONFIGS_128 = _GRAD_CONFIGS + [
+_GRAD_CONFIGS_128 = [
     triton.Config({"BLOCK_N": 128, "BLOCK_K": 128, "BLOCK_R": 32, "GROUP_N": 8}, num_warps=8, num_stages=3)
-]
+] + _GRAD_CONFIGS
 _LOSS_INTERPRET = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1)
 _GRAD_INTERPRET = triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_R": 32, "GROUP_N": 2}, num_warps=4, num_stages=1)
 
@@ -288,11 +337,14 @@ def loss_kernel(configs: list[triton.Config], **autotune_options):
     """``_loss_gemm_kernel`` autotuned over ``configs``. Its partial-sum buffers (one chunk's
     views) are zeroed before each timed config and before the real launch: a cell that the
     winning config's grid does not write would otherwise keep what a config timed before it
-    wrote, and the first call of every new shape would return a wrong loss."""
+    wrote, and the first call of every new shape would return a wrong loss. The eps buffer,
+    which it overwrites with G', is restored after each timed config: the next one (and the
+    real launch) would otherwise read G' as eps."""
     return triton.autotune(
         configs=configs,
-        key=["K", "HAS_BIAS", "HAS_NOISE", "COMPUTE_GRAD"],
+        key=["K", "HAS_BIAS", "COMPUTE_GRAD"],
         reset_to_zero=["loss_part_ptr", "db_part_ptr"],
+        restore_value=["g_ptr"],
         **autotune_options,
     )(_loss_gemm_kernel)
 
@@ -324,6 +376,17 @@ def chunk_rows(M: int, K: int, itemsize: int) -> int:
     bytes per element, a multiple of 128 (at least 128), at most M."""
     elems = CHUNK_BYTES // (2 * itemsize)
     return min(M, max(elems // K // _ROW_QUANTUM * _ROW_QUANTUM, _ROW_QUANTUM))
+
+
+def grad_splits(R: int, K: int, sms: int) -> tuple[int, int]:
+    """(splits, rows per split) of a chunk's R rows for the dL/dW_d GEMM on ``sms`` SMs: as many
+    splits as one wave of 128 x 128 dW_d tiles leaves room for, each at least SPLIT_MIN_ROWS
+    rows, a multiple of 128; (1, R) when the tiles alone fill the SMs."""
+    want = min(sms // triton.cdiv(K, _SPLIT_TILE) ** 2, R // SPLIT_MIN_ROWS)
+    if want <= 1:
+        return 1, R
+    rows = triton.cdiv(triton.cdiv(R, want), _ROW_QUANTUM) * _ROW_QUANTUM
+    return triton.cdiv(R, rows), rows
 
 
 def denoise_loss_fwd(
@@ -388,8 +451,11 @@ def _denoise_loss(x, denoise_weight, denoise_bias, a, s, noise, seed, compute_gr
     loss_part = parts[: chunks * part_rows * part_cols * 2].view(chunks, part_rows, part_cols, 2)
     db_part = parts[loss_numel:].view(db_shape)
     xn = torch.empty((rows, K), dtype=gemm, device=x.device)
-    g = torch.empty((rows, K), dtype=gemm, device=x.device) if compute_grad else xn
+    g = torch.empty((rows, K), dtype=gemm, device=x.device)  # eps, then G' over it
     grad_weight = torch.empty((K, K), dtype=cdt, device=x.device) if compute_grad else None
+    sms = _common.sm_count(x.device)
+    max_splits = grad_splits(rows, K, sms)[0]  # the first chunk is the largest
+    split_ws = torch.empty((max_splits, K, K), dtype=cdt, device=x.device) if compute_grad and max_splits > 1 else None
 
     a_hi, a_lo = _common.split_scalar(a)
     s_hi, s_lo = _common.split_scalar(s)
@@ -411,7 +477,7 @@ def _denoise_loss(x, denoise_weight, denoise_bias, a, s, noise, seed, compute_gr
         R = min(rows, M - row0)
         noisy_grid = (triton.cdiv(R, _NOISY_CONFIG["BLOCK_M"]), triton.cdiv(K, _NOISY_CONFIG["BLOCK_K"]))
         _noisy_input_kernel[noisy_grid](
-            x, eps, xn, row0, R, K, seed_value, seed_ptr, a_hi, a_lo, s_hi, s_lo,
+            x, eps, xn, g, row0, R, K, seed_value, seed_ptr, a_hi, a_lo, s_hi, s_lo,
             x.stride(0), x.stride(1), eps.stride(0), eps.stride(1),
             HAS_NOISE=noise is not None, SEED_FROM_PTR=seed_from_ptr, ACC_DTYPE=acc_dt,
             num_warps=_NOISY_WARPS, **_NOISY_CONFIG,
@@ -421,22 +487,26 @@ def _denoise_loss(x, denoise_weight, denoise_bias, a, s, noise, seed, compute_gr
             return (triton.cdiv(R, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
 
         loss_kern[loss_grid](
-            xn, denoise_weight, bias, eps, g, loss_part[c], db_part[c],
-            row0, R, K, seed_value, seed_ptr, scale,
-            denoise_weight.stride(0), denoise_weight.stride(1), denoise_bias.stride(0) if has_bias else 0,
-            eps.stride(0), eps.stride(1), part_cols,
-            HAS_BIAS=has_bias, HAS_NOISE=noise is not None, COMPUTE_GRAD=compute_grad, SEED_FROM_PTR=seed_from_ptr,
-            GEMM_DTYPE=gemm_dt, ACC_DTYPE=acc_dt, INPUT_PRECISION=dot_precision, SATURATE=gemm == torch.float16,
+            xn, denoise_weight, bias, g, loss_part[c], db_part[c], R, K, scale,
+            denoise_weight.stride(0), denoise_weight.stride(1), denoise_bias.stride(0) if has_bias else 0, part_cols,
+            HAS_BIAS=has_bias, COMPUTE_GRAD=compute_grad, GEMM_DTYPE=gemm_dt, ACC_DTYPE=acc_dt, INPUT_PRECISION=dot_precision, SATURATE=gemm == torch.float16,
             **loss_meta,
         )
         if compute_grad:
-            def grad_grid(meta):
-                return (triton.cdiv(K, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+            splits, split_rows = grad_splits(R, K, sms)
+
+            def grad_grid(meta, splits=splits):
+                return (triton.cdiv(K, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]) * splits,)
 
             grad_kern[grad_grid](
-                g, xn, grad_weight, R, K, alpha,
-                ACCUMULATE=c > 0, GEMM_DTYPE=gemm_dt, ACC_DTYPE=acc_dt, INPUT_PRECISION=dot_precision, **grad_meta,
+                g, xn, grad_weight if splits == 1 else split_ws, R, K, split_rows, alpha,
+                ACCUMULATE=c > 0 and splits == 1, GEMM_DTYPE=gemm_dt, ACC_DTYPE=acc_dt,
+                INPUT_PRECISION=dot_precision, **grad_meta,
             )
+            if splits > 1:
+                _split_sum_kernel[(triton.cdiv(K * K, _SPLIT_SUM_BLOCK),)](
+                    split_ws, grad_weight, splits, K * K, ACCUMULATE=c > 0, BLOCK=_SPLIT_SUM_BLOCK,
+                )
     loss = x.new_empty((), dtype=cdt)
     grad_bias = x.new_empty(K, dtype=cdt) if compute_grad and has_bias else empty()
     n_hi, n_lo = _common.split_scalar(float(n))
