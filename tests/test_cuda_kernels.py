@@ -10,7 +10,9 @@ Comparisons use the dtype's (rtol, atol) from conftest with atol taken relative 
 tensor's largest magnitude, so that it means the same for a (K, K) gradient of size 1e-6 as for
 a loss of size 2. The L2 gradients also allow for sign(D) flipping where D is within rounding of
 0 (``oracle.sign_flip_slack``). Tolerances were checked against a CPU emulation of the kernels'
-roundings (x_noisy and G' in the input dtype, float32 GEMMs) before any GPU run.
+roundings (eps, x_noisy and G' in the input dtype: the oracle's own, ``gemm_dtype``) before any
+GPU run; ``test_denoise_loss_rounds_eps_and_x_noisy_to_nearest`` holds the kernel to those
+roundings exactly.
 """
 from __future__ import annotations
 
@@ -328,6 +330,26 @@ def test_denoise_loss_public_op_3d_and_strided(cuda_backend, dtype):
     _check(dwd, g_up * egw, dtype, "dW_d", g_up * slack_w)
     _check(dbd, g_up * egb, dtype, "db_d", g_up * slack_b)
     assert dwd.dtype == dtype and dbd.dtype == dtype
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_denoise_loss_rounds_eps_and_x_noisy_to_nearest(dtype):
+    """The policy's roundings, exactly (docs/method.md, Precision): eps to the GEMM dtype, then
+    x_noisy formed from it. x = 0, a = 0, s = 0.625, W_d = 1.6 I (s W_d is 1 within 2^-10):
+    D = 1.6 round(0.625 eps) - eps is mostly rounding error, so the oracle applying the same
+    roundings is met at 1e-4, where an eps left unrounded misses by more than 1e-2 (as in
+    tests/test_cuda_on_host.py, which runs this kernel code on the CPU)."""
+    m, k, s = 96, 40, 0.625
+    x = torch.zeros(m, k, dtype=dtype, device="cuda")
+    wd = (1.6 * torch.eye(k)).to("cuda", dtype)
+    eps = rng.normal(7, m, k, device="cuda")
+    loss, gw, _ = torch.ops.drep.denoise_loss_fwd(x, wd, None, 0.0, s, eps, torch.tensor(0), True)
+    eloss, egw, _ = oracle.denoise_loss_grads(x, wd, None, 0.0, s, eps, dtype)
+    d = 1.6 * (s * eps.double()).to(dtype).double() - eps.double()  # D had eps not been rounded
+    assert abs(float(d.abs().mean() + d.square().mean() - eloss)) > 1e-2 * float(eloss)
+    assert_close(loss, eloss, 1e-4, 1e-9, "loss")
+    assert_close(gw, egw, 1e-4, 1e-6 * float(egw.abs().max()), "dL/dW_d")
 
 
 @needs_gpu

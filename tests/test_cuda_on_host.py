@@ -104,7 +104,7 @@ def check_loss(got, want, dtype, *, bias, compute_grad=True, tol=None, atol_of_l
 
     atol_of_largest scales atol by each output's largest |want|: for inputs whose G' is far
     larger than 1, where an element of dL/dW_d sums large terms of either sign and the roundings
-    of those terms (x_noisy and G' in the input dtype) scale with the terms, not with their sum."""
+    of those terms (eps, x_noisy and G' in the input dtype) scale with the terms, not with their sum."""
     rtol, atol = tol or TOLERANCES[dtype]
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -246,8 +246,8 @@ def test_loss_without_gradients(host, dtype):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("k", [127, 261])
 def test_loss_half_precision(host, dtype, bias, k):
-    # x_noisy and G' are rounded to the input dtype for the GEMMs (docs/method.md, Precision):
-    # the reference does not round, so the input dtype's tolerance applies. K = 261: three column
+    # eps, x_noisy and G' are rounded to the input dtype (docs/method.md, Precision): the
+    # reference does not round, so the input dtype's tolerance applies. K = 261: three column
     # tiles, so G' of tile 2 lies over p of tile 1 (G' is written over p: loss_epilogue_kernel).
     x, w, b, eps = loss_inputs(300, k, dtype, bias=bias, seed=11)
     got = host.denoise_loss_fwd(x, w, b, A, S, eps, SEED, True)

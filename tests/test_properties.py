@@ -268,17 +268,23 @@ def test_seeded_denoise_loss_agrees_across_backends(backend, device):
         eps = rng.normal(seed, M, K, device=x.device).reshape(x.shape)
         gemm = _rounded_gemm(backend, device, case.batch.dtype)
         ref_loss, ref_gw, ref_gb = oracle.denoise_loss_grads(x, wd, bd, co.a, co.s, eps, gemm)
-        # D of the reference, to count the elements whose sign the noise's rounding may flip.
-        x_noisy = co.a * x2d.double() + co.s * eps.reshape(M, K).double()
-        d = x_noisy @ wd.detach().double().T + (bd.detach().double() if bd is not None else 0) - eps.reshape(M, K).double()
-        # |dD| <= |d eps| (1 + s max row sum |W_d|) bounds how far the noise's rounding moves D;
-        # with x_noisy rounded to the GEMM dtype, that rounding may also put an element of
-        # x_noisy one ulp over (at most the ulp of its largest element).
+        # D of the reference (its eps rounded as the policy says), to count the elements whose
+        # sign the noise's rounding may flip.
+        e = oracle.gemm_eps(eps, gemm).reshape(M, K)
+        x_noisy = co.a * x2d.double() + co.s * e
+        d = x_noisy @ wd.detach().double().T + (bd.detach().double() if bd is not None else 0) - e
+        # |dD| <= |d eps| (1 + s max row sum |W_d|) bounds how far the noise's rounding moves D.
+        # With a GEMM dtype the kernel's eps and rng's, a few float32 ulps apart, may round to
+        # neighbouring values of it (one ulp of the largest |eps| at most), and x_noisy's rounding
+        # may put an element of x_noisy one ulp over (at most the ulp of its largest element).
         row_sum = float(wd.detach().double().abs().sum(1).max()) if wd.numel() else 0.0
-        moved = co.s * NOISE_ROUNDING
+        eps_moved = NOISE_ROUNDING
+        if gemm is not None and e.numel():
+            eps_moved += torch.finfo(gemm).eps * float(e.abs().max())
+        moved = co.s * eps_moved
         if gemm is not None and x_noisy.numel():
             moved += torch.finfo(gemm).eps * float(x_noisy.abs().max())
-        reach = NOISE_ROUNDING + moved * row_sum
+        reach = eps_moved + moved * row_sum
         flips = int((d.abs() <= 2 * reach).sum(0).max()) if d.numel() else 0
         unit = 2 * abs(case.upstream) * flips / max(M * K, 1)
         extra_w = unit * (float(x_noisy.abs().max()) if x_noisy.numel() else 0.0)

@@ -3,9 +3,9 @@
 On a machine without CUDA these run the kernels on CPU tensors under TRITON_INTERPRET=1 (set
 by conftest.py before anything imports triton), which is slow: shapes stay small, and the
 sizes (1, 7, 33, 130) are chosen to be multiples of no block size. The backend follows the
-tensor-core precision policy (drep_kernels.precision): for float16 / bfloat16 inputs the loss's
-GEMM operands x_noisy and G' are rounded to the input dtype, and the oracle applies the same
-roundings (oracle.denoise_loss_grads(..., gemm_dtype)); outputs stored in half precision (the
+tensor-core precision policy (drep_kernels.precision): for float16 / bfloat16 inputs eps and the
+loss's GEMM operands x_noisy and G' are rounded to the input dtype, and the oracle applies the
+same roundings (oracle.denoise_loss_grads(..., gemm_dtype)); outputs stored in half precision (the
 merged weights) are held to their own dtype's tolerance.
 """
 from __future__ import annotations
@@ -282,6 +282,25 @@ def test_denoise_loss_split_rows(monkeypatch, dtype, chunked):
     want = oracle.denoise_loss_grads(x, w, b, a, s, eps, _gemm_dtype(dtype))
     for u, v, name in zip(got, want, ("loss", "dL/dW_d", "dL/db_d")):
         _close(u, v, dtype, name)
+
+
+def test_denoise_loss_last_chunk_splits_more(monkeypatch):
+    """A smaller last chunk may split into more row splits than the full ones (the rows per
+    split are rounded up to 128 from fewer rows): on 3 SMs, a 512-row chunk splits in two, the
+    last 257 rows in three. The workspace holds the slabs of the chunk that splits most."""
+    from drep_kernels.triton import _common
+    from drep_kernels.triton import denoise_loss as tdl
+
+    monkeypatch.setattr(_common, "HOST_SMS", 3)
+    monkeypatch.setattr(tdl, "SPLIT_MIN_ROWS", 64)
+    M, K = 769, 33
+    monkeypatch.setattr(tdl, "CHUNK_BYTES", 512 * K * 2 * 4)
+    assert tdl.chunk_rows(M, K, 4) == 512 and tdl.grad_splits(512, K, 3)[0] == 2 and tdl.grad_splits(257, K, 3)[0] == 3
+    x, w, b, eps = _denoise_inputs(M, K, torch.float32)
+    got = kernels("triton").denoise_loss_fwd(x, w, b, A, S, eps, torch.tensor(0), True)
+    want = oracle.denoise_loss_grads(x, w, b, A, S, eps)
+    for u, v, name in zip(got, want, ("loss", "dL/dW_d", "dL/db_d")):
+        _close(u, v, torch.float32, name)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

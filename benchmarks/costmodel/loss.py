@@ -167,12 +167,12 @@ def triton(M: int, K: int, dt: Dtype, gpu: Gpu, chunk_bytes: int = TRITON_CHUNK_
         ks.append(stream(f"chunk {c}: _noisy_input_kernel", 3 * R * K * s, philox=pad(R, nm) * pad(K, nk) / 4))
         # _loss_gemm_kernel: each of the ceil(K / BLOCK_N) column programs of a row block loads
         # its rows of x_noisy (R x K in all per column block); each row block loads all of W_d
-        # (and b_d). Epilogue: its eps tile read once (s), no Philox. Stores: G' (s, over eps),
-        # |D| and D^2 sums per program, db_d column sums per row block.
+        # (and b_d). Epilogue: its eps tile read once (s; R x K in all), no Philox. Stores: G'
+        # (s, over eps), |D| and D^2 sums per program, db_d column sums per row block.
         programs = math.ceil(R / bm) * math.ceil(K / bn)
         ks.append(triton_gemm(
             f"chunk {c}: _loss_gemm_kernel (GEMM 1 + epilogue)", R, K, K, (bm, bn, bk), dt, gpu,
-            operand_l2=R * K * s * math.ceil(K / bn) + math.ceil(R / bm) * (K * K * s + K * s),
+            operand_l2=R * K * s * (math.ceil(K / bn) + 1) + math.ceil(R / bm) * (K * K * s + K * s),
             unique=2 * R * K * s + K * K * s + K * s,
             writes=R * K * s + programs * 2 * ACC + math.ceil(R / bm) * K * ACC,
         ))

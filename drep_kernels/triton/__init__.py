@@ -3,16 +3,17 @@
 Kernel functions with the torch backend's signatures and semantics
 (``drep_kernels/backends/reference.py``):
 
-- ``denoise_loss_fwd``   (denoise_loss.py): L1 and L2, three tensor-core launches per row chunk,
-  eps drawn in-kernel (N1);
+- ``denoise_loss_fwd``   (denoise_loss.py): L1 and L2; per row chunk one noise pass (eps drawn
+  in-kernel once, N1, and stored) and two tensor-core GEMMs, plus the sum of the dL/dW_d GEMM's
+  row splits where it splits;
 - ``merge_weights_fwd``  (merge_weights.py): M1 and M2 in one launch;
 - ``merge_weights_bwd``  (merge_weights.py): M3, and M4 with M5, one launch each.
 
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (set before this module
 is imported). Dtypes follow the tensor-core precision policy (``drep_kernels.precision``):
 bf16 / fp16 GEMM operands as they are, float32 ones as TF32 exactly when torch's float32
-matmuls use it, float32 accumulation (float64 for float64). The backend registry imports this module only when the triton backend is used, so
-``import drep_kernels`` never needs triton.
+matmuls use it, float32 accumulation (float64 for float64). The backend registry imports this
+module only when the triton backend is used, so ``import drep_kernels`` never needs triton.
 """
 from __future__ import annotations
 

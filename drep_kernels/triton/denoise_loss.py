@@ -17,7 +17,7 @@ x (M x K) is processed in chunks of R rows (x_noisy and eps / G' of R rows withi
    into the K x K float32 result in place (chunk 0 writes it, later chunks add: beta = 1);
    alpha = 1 / (M K) over G's scale, so no pass over dL/dW_d follows (float32; float64 is
    scaled after the loop). Where dL/dW_d has too few tiles to fill the GPU (``grad_splits``:
-   K up to about 1400 on 132 SMs), the chunk's rows are split: each split writes its partial
+   K up to 1024 on 132 SMs), the chunk's rows are split: each split writes its partial
    to a workspace slab and 4. ``_split_sum_kernel`` adds the slabs to dL/dW_d in split order.
 
 Around the loop: one fill (the partial-sum buffers, zeroed together) before it, and after it
@@ -288,9 +288,10 @@ _SPLIT_SUM_BLOCK = 1024
 # the rows are split so that splits x tiles fills one wave. Each split stores its float32
 # partial of dW_d in a workspace slab (at most one wave of 128 x 128 tiles: 8.7 MB on 132 SMs,
 # float64 twice that), and _split_sum_kernel adds them up in order. Splits hold whole multiples
-# of 128 rows (of every BLOCK_R) and at least SPLIT_MIN_ROWS (tests lower it), so a split's
-# main loop stays deep; the split count depends on R, K and the SM count only (not on the
-# autotuned config), so a config's rounding is the same whatever the autotuner times.
+# of 128 rows (of every BLOCK_R), all but the last at least SPLIT_MIN_ROWS (tests lower it),
+# so a split's main loop stays deep; the split count depends on R, K and the SM count only (not
+# on the autotuned config), so a config's rounding is the same whatever the autotuner times.
+# Configs with smaller dW_d tiles (IEEE float32's 128 x 64) run more programs than one wave.
 _SPLIT_TILE = 128
 SPLIT_MIN_ROWS = 512
 
@@ -339,7 +340,8 @@ def loss_kernel(configs: list[triton.Config], **autotune_options):
     winning config's grid does not write would otherwise keep what a config timed before it
     wrote, and the first call of every new shape would return a wrong loss. The eps buffer,
     which it overwrites with G', is restored after each timed config: the next one (and the
-    real launch) would otherwise read G' as eps."""
+    real launch) would otherwise read G' as eps. (Each timing then includes that copy, the same
+    for every config.)"""
     return triton.autotune(
         configs=configs,
         key=["K", "HAS_BIAS", "COMPUTE_GRAD"],
@@ -380,8 +382,9 @@ def chunk_rows(M: int, K: int, itemsize: int) -> int:
 
 def grad_splits(R: int, K: int, sms: int) -> tuple[int, int]:
     """(splits, rows per split) of a chunk's R rows for the dL/dW_d GEMM on ``sms`` SMs: as many
-    splits as one wave of 128 x 128 dW_d tiles leaves room for, each at least SPLIT_MIN_ROWS
-    rows, a multiple of 128; (1, R) when the tiles alone fill the SMs."""
+    splits as one wave of 128 x 128 dW_d tiles leaves room for, the rows per split a multiple
+    of 128 and at least SPLIT_MIN_ROWS (the last split takes what is left); (1, R) when the
+    tiles alone fill the SMs or R is too short to split."""
     want = min(sms // triton.cdiv(K, _SPLIT_TILE) ** 2, R // SPLIT_MIN_ROWS)
     if want <= 1:
         return 1, R
@@ -454,7 +457,9 @@ def _denoise_loss(x, denoise_weight, denoise_bias, a, s, noise, seed, compute_gr
     g = torch.empty((rows, K), dtype=gemm, device=x.device)  # eps, then G' over it
     grad_weight = torch.empty((K, K), dtype=cdt, device=x.device) if compute_grad else None
     sms = _common.sm_count(x.device)
-    max_splits = grad_splits(rows, K, sms)[0]  # the first chunk is the largest
+    # Slabs for the chunk that splits most: a smaller last chunk may split more (its rows per
+    # split are rounded to 128 from fewer rows).
+    max_splits = max(grad_splits(R, K, sms)[0] for R in {rows, M - (chunks - 1) * rows})
     split_ws = torch.empty((max_splits, K, K), dtype=cdt, device=x.device) if compute_grad and max_splits > 1 else None
 
     a_hi, a_lo = _common.split_scalar(a)
