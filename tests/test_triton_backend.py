@@ -305,8 +305,8 @@ def test_denoise_loss_last_chunk_splits_more(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemm_operands_rounded_to_nearest(dtype):
-    """x = 0, a = 0, s = 0.625, W_d = 1.6 I (rounded to the dtype: s W_d is 1 within 2^-10):
-    p = 1.6 round(0.625 eps) with eps itself rounded to the GEMM dtype, so D is mostly the
+    """x = 0, a = 0, s = 0.625, W_d = w I with w = 1.6 rounded to the dtype (s w is 1 within
+    2^-10): p = w round(0.625 eps) with eps itself rounded to the GEMM dtype, so D is mostly the
     rounding error of x_noisy = 0.625 eps (0.625 eps is exact in float32: the kernel and the
     oracle round the same value, ties included). Round to nearest even, as a GPU converts;
     truncation (the interpreter's own bf16 conversion) moves the loss far past the tolerance.

@@ -28,10 +28,11 @@ Per element of x (bf16): x read once (2 B) and the noise drawn once, in step 1; 
 once. One Philox call per four elements: storing eps (4 B of traffic per element) costs less
 than drawing it again in the epilogue (about 30 us per pass at M = 12608, K = 768 on an H100,
 issue 12's anchor), and the epilogue keeps no Philox state in registers. 2 M K^2 FLOPs per
-GEMM, three launches per chunk (four with a split) plus two. Nothing of size M x K outlives the
-call; the workspace is two R x K buffers in T (together at most 64 MiB: 2^24 elements of bf16 /
-fp16, 2^23 of float32, 2^22 of float64), the K x K result, the split slabs (at most one wave of
-128 x 128 tiles: 8.7 MB on 132 SMs) and per-program partial sums. benchmarks/costmodel counts
+GEMM, three launches per chunk (four with a split; two without gradients) plus two. Nothing of
+size M x K outlives the call; the workspace is two R x K buffers in T (together at most 64 MiB:
+each at most 2^24 elements of bf16 / fp16, 2^23 of float32, 2^22 of float64), the K x K result,
+the split slabs (at most one wave of 128 x 128 tiles: 8.7 MB of float32 on 132 SMs, float64
+twice that) and per-program partial sums. benchmarks/costmodel counts
 the same per shape.
 
 Determinism: no atomics. Every program writes its own partial-sum cells, which
@@ -55,8 +56,8 @@ from .. import precision, rng
 from . import _common
 from ._common import dot, grouped_tile, join_scalar, rounded, tl_dtype
 
-# Chunk budget in bytes of the two chunk buffers, x_noisy and G' in the GEMM dtype (rows are a
-# multiple of 128, at least 128). Tests lower it to run several chunks on small shapes.
+# Chunk budget in bytes of the two chunk buffers, x_noisy and eps / G' in the GEMM dtype (rows
+# are a multiple of 128, at least 128). Tests lower it to run several chunks on small shapes.
 CHUNK_BYTES = 64 << 20
 _ROW_QUANTUM = 128  # chunk rows are a multiple of every BLOCK_M: row blocks never straddle chunks
 
