@@ -28,8 +28,8 @@ user's choice for torch's float32 matmuls is the backend's too, and nothing chan
 is made.
 
 On the CPU (the cpu backend, the torch backend on CPU tensors) half-precision inputs are
-computed in float32 throughout, eps, x_noisy and G' included: the CPU GEMMs are float32 BLAS, and
-rounding their operands would cost accuracy and gain nothing.
+computed in float32 throughout, eps, x_noisy and G' included: the CPU GEMMs are float32 BLAS,
+and rounding their operands would cost accuracy and gain nothing.
 """
 from __future__ import annotations
 

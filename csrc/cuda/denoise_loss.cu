@@ -10,8 +10,8 @@
 //      precision policy) before x_noisy is formed; x and noise are read with strides.
 //   2. GEMM 1 (cuBLAS, common.cuh gemm, beta = 0): p = x_noisy W_d^T, float32 result.
 //   3. loss_epilogue_kernel, one block per stripe of whole rows: eps regenerated per group of
-//      four (one Philox call each, rounded, as in 1), D = p + b_d - eps, |D| + D^2 summed per stripe
-//      (fixed-order tree), G' = sign(D) + 2 D written over p in the GEMM dtype (in place: half
+//      four (one Philox call each, rounded, as in 1), D = p + b_d - eps, |D| + D^2 summed per
+//      stripe (fixed-order tree), G' = sign(D) + 2 D written over p in the GEMM dtype (in place: half
 //      dtypes on the first half of each of p's rows), and its column sums per stripe (L2).
 //   4. finalize_chunk_kernel: adds the chunk's stripe partials, in a fixed order and in float64,
 //      to the running loss and dL/db_d sums (the first chunk starts them, the last writes the
@@ -618,8 +618,9 @@ __global__ void __launch_bounds__(kFinalThreads)
 
 // drep::_denoise_noise (test hook, csrc/ops.cpp): eps rows as this file's kernels draw them (in
 // float32, before any GEMM dtype's rounding): the prologue's (noisy_input_kernel with x = 0,
-// a = 0, s = 1), or with per_element the loss epilogue's (epilogue_noise_kernel). The name per_element is the op schema's, from when the
-// epilogue drew one element per Philox call; it now draws groups of four in its own layout.
+// a = 0, s = 1), or with per_element the loss epilogue's (epilogue_noise_kernel). The name
+// per_element is the op schema's, from when the epilogue drew one element per Philox call; it
+// now draws groups of four in its own layout.
 at::Tensor denoise_noise_cuda(const at::Tensor& like, const at::Tensor& seed, int64_t row0, int64_t rows,
                               int64_t cols, bool per_element) {
   TORCH_CHECK(seed.device().is_cpu() && seed.dim() == 0 && seed.scalar_type() == at::kLong,

@@ -1,4 +1,4 @@
-"""Triton denoising loss (docs/method.md, L1 and L2): per row chunk a noise pass and two tensor-core GEMMs.
+"""Triton denoising loss (docs/method.md, L1 and L2): per row chunk, a noise pass and two GEMMs.
 
 x (M x K) is processed in chunks of R rows (x_noisy and eps / G' of R rows within
 ``CHUNK_BYTES``, R a multiple of 128), in order. Per chunk, with GEMM dtype T (the input dtype,
@@ -32,8 +32,7 @@ GEMM, three launches per chunk (four with a split; two without gradients) plus t
 size M x K outlives the call; the workspace is two R x K buffers in T (together at most 64 MiB:
 each at most 2^24 elements of bf16 / fp16, 2^23 of float32, 2^22 of float64), the K x K result,
 the split slabs (at most one wave of 128 x 128 tiles: 8.7 MB of float32 on 132 SMs, float64
-twice that) and per-program partial sums. benchmarks/costmodel counts
-the same per shape.
+twice that) and per-program partial sums. benchmarks/costmodel counts the same per shape.
 
 Determinism: no atomics. Every program writes its own partial-sum cells, which
 ``_finalize_kernel`` sums in a fixed order (loops over a fixed-shape buffer); each dW_d tile is
