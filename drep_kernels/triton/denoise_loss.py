@@ -456,10 +456,12 @@ def _denoise_loss(x, denoise_weight, denoise_bias, a, s, noise, seed, compute_gr
     xn = torch.empty((rows, K), dtype=gemm, device=x.device)
     g = torch.empty((rows, K), dtype=gemm, device=x.device)  # eps, then G' over it
     grad_weight = torch.empty((K, K), dtype=cdt, device=x.device) if compute_grad else None
+    # (splits, rows per split) of each chunk's dL/dW_d GEMM; the slabs are for the chunk that
+    # splits most (a smaller last chunk may split more: its rows per split are rounded to 128
+    # from fewer rows).
     sms = _common.sm_count(x.device)
-    # Slabs for the chunk that splits most: a smaller last chunk may split more (its rows per
-    # split are rounded to 128 from fewer rows).
-    max_splits = max(grad_splits(R, K, sms)[0] for R in {rows, M - (chunks - 1) * rows})
+    plans = [grad_splits(min(rows, M - c * rows), K, sms) for c in range(chunks)]
+    max_splits = max(splits for splits, _ in plans)
     split_ws = torch.empty((max_splits, K, K), dtype=cdt, device=x.device) if compute_grad and max_splits > 1 else None
 
     a_hi, a_lo = _common.split_scalar(a)
@@ -494,11 +496,12 @@ def _denoise_loss(x, denoise_weight, denoise_bias, a, s, noise, seed, compute_gr
         loss_kern[loss_grid](
             xn, denoise_weight, bias, g, loss_part[c], db_part[c], R, K, scale,
             denoise_weight.stride(0), denoise_weight.stride(1), denoise_bias.stride(0) if has_bias else 0, part_cols,
-            HAS_BIAS=has_bias, COMPUTE_GRAD=compute_grad, GEMM_DTYPE=gemm_dt, ACC_DTYPE=acc_dt, INPUT_PRECISION=dot_precision, SATURATE=gemm == torch.float16,
+            HAS_BIAS=has_bias, COMPUTE_GRAD=compute_grad, GEMM_DTYPE=gemm_dt, ACC_DTYPE=acc_dt,
+            INPUT_PRECISION=dot_precision, SATURATE=gemm == torch.float16,
             **loss_meta,
         )
         if compute_grad:
-            splits, split_rows = grad_splits(R, K, sms)
+            splits, split_rows = plans[c]
 
             def grad_grid(meta, splits=splits):
                 return (triton.cdiv(K, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]) * splits,)
