@@ -26,8 +26,8 @@ build by its source hash (``TRITON_CACHE_DIR``), so an unchanged build costs a c
 180 builds of 2026-11 took 2 to 4 minutes on 2 cores from an empty cache (6.5 on a loaded
 machine); there are 238 since the row splits of the dL/dW_d GEMM.
 
-The check runs under triton 3.6 and 3.8 (a build that does not compile is reported with its cause);
-the JIT internals it mirrors are used in ``_specialize`` only. The table goes to
+The check runs under triton 3.6, 3.8 and 3.9 (a build that does not compile is reported with its
+cause); the JIT internals it mirrors are used in ``_specialize`` only. The table goes to
 benchmarks/results/triton-aot-sm80-sm90.md under triton 3.8 (CI's pinned release), to
 benchmarks/results/triton-aot-sm80-sm90-triton<major.minor>.md under any other.
 """
@@ -283,7 +283,7 @@ def _specialize(fn, args: tuple, kwargs: dict, target):
     """(ASTSource, options) of the launch ``fn[grid](*args, **kwargs)`` on ``target``, built by
     the JIT's own binder, so the signature, constexprs and divisibility / ==1 specializations
     (and any do_not_specialize) are the ones a launch on a GPU would compile. The JIT internals
-    used here are the same in triton 3.6 and 3.8; a triton that changes them fails here."""
+    used here are the same in triton 3.6, 3.8 and 3.9; a triton that changes them fails here."""
     import triton
     from triton.compiler import ASTSource, make_backend
     from triton.runtime import jit

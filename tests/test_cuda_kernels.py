@@ -468,6 +468,8 @@ def test_float32_on_tf32_exactly_when_torch_is():
         _check(merged[1], eb, dtype, "merged_bias")
     assert not torch.equal(ieee[0][1], fast[0][1]), "dL/dW_d: TF32 on, yet the float32 result"
     assert not torch.equal(ieee[1][0], fast[1][0]), "W': TF32 on, yet the float32 result"
+    # b' = b - c1 W b_d is a matrix-vector product (merge_prep_kernel): never TF32.
+    _check(fast[1][1], eb, torch.float32, "merged_bias (TF32 on)")
 
 
 @needs_gpu

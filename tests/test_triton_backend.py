@@ -438,9 +438,19 @@ def _merge_inputs(out, K, dtype, bias, denoise_bias, seed=0):
     return mk(out, K), mk(out) if bias else None, mk(K, K), mk(K) if denoise_bias else None
 
 
+def _poison_on_cpu(request):
+    """Uninitialized allocations come back NaN (conftest.poisoned_empty) where the kernels run in
+    the interpreter: the launchers allocate their outputs, so an element no program writes
+    cannot pass as leftover memory. Not on a GPU, where deterministic mode would refuse cuBLAS
+    without a workspace setting."""
+    if DEVICE == "cpu":
+        request.getfixturevalue("poisoned_empty")
+
+
 @pytest.mark.parametrize("out,K,dtype,bias,denoise_bias", MERGE_CASES, ids=lambda v: str(v).replace("torch.", ""))
-def test_merge_vs_oracle(monkeypatch, out, K, dtype, bias, denoise_bias):
+def test_merge_vs_oracle(monkeypatch, request, out, K, dtype, bias, denoise_bias):
     _triton(monkeypatch)
+    _poison_on_cpu(request)
     w, b, wd, bd = _merge_inputs(out, K, dtype, bias, denoise_bias)
     assert select("merge_weights", w.device) == "triton"
     mw, mb = drep_kernels.ops.merge_weights(w, b, wd, bd, C1, C3)
@@ -465,6 +475,40 @@ def test_merge_vs_oracle(monkeypatch, out, K, dtype, bias, denoise_bias):
     for name, gt, wt in zip(("W", "b", "W_d", "b_d"), got, want):
         # Gradients are computed in float32 and returned in the parameter's dtype.
         _close(gt, wt, dtype, f"d/d{name}", stored=dtype)
+
+
+# The interpreter's integer division by zero (a grid of no column blocks in grouped_tile) is a
+# numpy warning there and garbage on a GPU: here an error.
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("has_b,has_bd", [(True, True), (False, True), (True, False)])
+def test_merge_without_columns(request, has_b, has_bd):
+    # K = 0 with rows: W' is out x 0 and b' = b (zeros without b): W b_d is an empty sum, which
+    # a program must still write (grid and kernel keep one column block for it).
+    _poison_on_cpu(request)
+    b = torch.randn(5).to(DEVICE) if has_b else None
+    bd = torch.empty(0, device=DEVICE) if has_bd else None
+    merged_w, merged_b = kernels("triton").merge_weights_fwd(torch.empty(5, 0, device=DEVICE), b,
+                                                             torch.empty(0, 0, device=DEVICE), bd, C1, C3)
+    assert merged_w.shape == (5, 0)
+    assert torch.equal(merged_b, b if has_b else torch.zeros(5, device=DEVICE))
+    # M4 with M5 over the same empty reduction: [dW_d | db_d] = -c1 W^T [G_W | g_b] of 0 x 0 and 0.
+    grads = kernels("triton").merge_weights_bwd(torch.empty(5, 0, device=DEVICE), torch.randn(5).to(DEVICE),
+                                                torch.empty(5, 0, device=DEVICE), torch.empty(0, 0, device=DEVICE),
+                                                bd, C1, C3, True, True)
+    assert [tuple(g.shape) for g in grads] == [(5, 0), (0, 0), (0,)]
+
+
+def test_merge_empty_layer(request):
+    # out = 0: W' and b' empty; the gradients of W_d and b_d are empty sums, zeros.
+    _poison_on_cpu(request)
+    w, b, wd, bd = torch.empty(0, 7), torch.empty(0), torch.randn(7, 7), torch.randn(7)
+    w, b, wd, bd = (t.to(DEVICE) for t in (w, b, wd, bd))
+    merged_w, merged_b = kernels("triton").merge_weights_fwd(w, b, wd, bd, C1, C3)
+    assert merged_w.shape == (0, 7) and merged_b.shape == (0,)
+    dw, dwd, dbd = kernels("triton").merge_weights_bwd(torch.empty(0, 7, device=DEVICE), torch.empty(0, device=DEVICE),
+                                                       w, wd, bd, C1, C3, True, True)
+    assert dw.shape == (0, 7)
+    assert torch.equal(dwd, torch.zeros(7, 7, device=DEVICE)) and torch.equal(dbd, torch.zeros(7, device=DEVICE))
 
 
 def test_merge_bwd_kernel_vs_reference():
@@ -576,6 +620,28 @@ def test_gpu_large_shapes_autotuned(dtype):
     ref_w, ref_b = oracle.merge(wt.double(), bt.double(), wd.double(), bd.double(), C1, C3)
     _close(mw, ref_w, dtype, "W'", stored=dtype)
     _close(mb, ref_b, dtype, "b'", stored=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_merge_bias_never_tf32():
+    """With torch's float32 matmuls on TF32 W' changes (the MMA's operands are TF32), and b' =
+    b - c1 W b_d does not: a matrix-vector product on the CUDA cores, within float32's
+    tolerance, where TF32's 10-bit operands would miss it by ~1e-3 over K = 1536."""
+    w, b, wd, bd = (t.detach() for t in _merge_inputs(768, 1536, torch.float32, True, True))
+    ref_w, ref_b = oracle.merge(w.double(), b.double(), wd.double(), bd.double(), C1, C3)
+    ieee = kernels("triton").merge_weights_fwd(w, b, wd, bd, C1, C3)
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        fast = kernels("triton").merge_weights_fwd(w, b, wd, bd, C1, C3)
+    finally:
+        matmul.fp32_precision = saved
+    assert not torch.equal(ieee[0], fast[0]), "W': TF32 on, yet the float32 result"
+    _close(fast[0], ref_w, torch.float16, "W' (TF32)")
+    for name, got in (("b'", ieee[1]), ("b' (TF32 on)", fast[1])):
+        _close(got, ref_b, torch.float32, name)
 
 
 @pytest.mark.gpu

@@ -13,8 +13,8 @@ one address (a lost update, or last-writer-wins, on a GPU) passes every oracle t
 3. the oracle tests of test_triton_backend.py with the grid walked in reverse (their forward
    order is that file's own run), and shapes whose K is a multiple of every block size the
    interpreter runs (32 for the GEMMs, 128 for the x_noisy kernel's columns; 64 also covers the
-   16 and 64 of the other-block-shapes test), in both orders: a block that holds nothing but
-   the merge's bias column exists only then.
+   16 and 64 of the other-block-shapes test), in both orders: the merge's last column block is
+   then a full one, and its bias column is formed by the first.
 """
 from __future__ import annotations
 
@@ -252,7 +252,7 @@ def test_loss_other_block_shapes_race_free(loss_blocks, grad_blocks):
     _launched(launches, _loss_launches(True), tail=[FINALIZE])
 
 
-MERGE_SHAPES = [(65, 64), (33, 33)]  # K a multiple of BLOCK_N (a block of only the bias column); odd
+MERGE_SHAPES = [(65, 64), (33, 33)]  # K a multiple of BLOCK_N; odd
 
 
 @pytest.mark.parametrize("out,K", MERGE_SHAPES)
@@ -263,6 +263,23 @@ def test_merge_forward_race_free(bias, denoise_bias, dtype, out, K):
     with record_stores() as launches:
         kernels("triton").merge_weights_fwd(w, b, wd, bd, C1, C3)
     _launched(launches, ["_merge_gemm_kernel"])
+
+
+@pytest.mark.parametrize("out,K", MERGE_SHAPES)
+def test_merge_bias_column_read_by_its_programs_only(out, K):
+    # b' = b - c1 W b_d is formed by the first column block's programs, one per row block; the
+    # other programs' loads of b_d are masked off (they would cost L2 traffic, not results).
+    w, b, wd, bd = (t.detach() for t in tb._merge_inputs(out, K, F32, True, True))
+    with record_stores() as launches:
+        kernels("triton").merge_weights_fwd(w, b, wd, bd, C1, C3)
+    (launch,) = launches
+    from drep_kernels.triton import merge_weights as tmw
+
+    blocks = tmw._INTERPRET.kwargs
+    row_blocks, col_blocks = -(-out // blocks["BLOCK_R"]), -(-K // blocks["BLOCK_N"])
+    assert launch.grid[0] == row_blocks * col_blocks > row_blocks
+    assert len(launch.readers(bd)) == row_blocks
+    assert len(launch.readers(w)) == row_blocks * col_blocks  # the check sees loads at all
 
 
 @pytest.mark.parametrize("out,K", MERGE_SHAPES)
@@ -310,9 +327,9 @@ def test_denoise_loss_vs_oracle_any_order(M, K, dtype, bias, reverse):
 
 
 @pytest.mark.parametrize("out,K,dtype,bias,denoise_bias,reverse", _cases(tb.MERGE_CASES, BLOCK_MULTIPLE_MERGE))
-def test_merge_vs_oracle_any_order(monkeypatch, out, K, dtype, bias, denoise_bias, reverse):
+def test_merge_vs_oracle_any_order(monkeypatch, request, out, K, dtype, bias, denoise_bias, reverse):
     with _maybe_reversed(reverse):
-        tb.test_merge_vs_oracle(monkeypatch, out, K, dtype, bias, denoise_bias)
+        tb.test_merge_vs_oracle(monkeypatch, request, out, K, dtype, bias, denoise_bias)
 
 
 @pytest.mark.parametrize("M,K,dtype,reverse", [

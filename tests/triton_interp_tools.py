@@ -54,6 +54,13 @@ class Launch:
     grid: tuple[int, int, int]
     order: list[tuple[int, int, int]]  # programs that accessed memory, in the order they ran
     stored_bytes: int  # distinct bytes stored (with no race: each by one program)
+    loads: list[tuple[tuple[int, int, int], np.ndarray]]  # per program, the distinct byte addresses it read
+
+    def readers(self, t: torch.Tensor) -> set[tuple[int, int, int]]:
+        """The programs that read any byte of ``t`` (masked-off lanes read nothing)."""
+        lo = t.data_ptr()
+        hi = lo + (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) * t.element_size() if t.numel() else lo
+        return {pid for pid, addrs in self.loads if ((addrs >= lo) & (addrs < hi)).any()}
 
 
 def _interpreter():
@@ -216,7 +223,8 @@ class _LaunchLog:
         grid = tuple(self.grid_dim())
         if problems:
             raise RaceError(f"{self.kernel} (grid {grid}): " + "\n  ".join(problems))
-        return Launch(self.kernel, grid, list(self.order), int(np.unique(s_addr).size))
+        return Launch(self.kernel, grid, list(self.order), int(np.unique(s_addr).size),
+                      [(self._program(p), a) for p, a in self.done["load"]])
 
 
 @contextlib.contextmanager

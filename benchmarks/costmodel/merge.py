@@ -48,18 +48,17 @@ TRITON_TILE = {"tc16": (128, 128, 32), "tf32": (128, 128, 32), "fma": (128, 64, 
 
 
 def triton(out: int, K: int, dt: Dtype, gpu: Gpu) -> list[Kernel]:
-    """One _merge_gemm_kernel launch: output [W' | b'] of out x (K + 1) columns, b_d riding as
-    column K of B (so the last column block holds one real column: a whole tile of MMA work when
-    K is a multiple of BLOCK_N). Every column program loads its rows of W (A); every row program
-    loads all of W_d (B) and b_d; the epilogue loads W (Add, just streamed as A: L2) and b."""
+    """One _merge_gemm_kernel launch over W' (out x K). b' = b - c1 W b_d is formed on the CUDA
+    cores by the programs of the first column block, from the W tiles they load for the MMA:
+    their b_d slices (each of those programs reads all of b_d) and 2 out K FLOPs, not counted
+    as MMA work. Every column program loads its rows of W (A); every row program loads all of
+    W_d (B); the epilogue loads W (Add, just streamed as A: L2) and b."""
     s = dt.size
     bm, bn, bk = TRITON_TILE[dt.path]
-    n_ext = K + 1
-    programs = math.ceil(out / bm) * math.ceil(n_ext / bn)
+    row_blocks = math.ceil(out / bm)
     return [triton_gemm(
-        "_merge_gemm_kernel (M1 + M2, bias column)", out, n_ext, K, (bm, bn, bk), dt, gpu,
-        operand_l2=out * K * s * math.ceil(n_ext / bn) + math.ceil(out / bm) * (K * K * s) + programs * K * s
-        + out * K * s,
+        "_merge_gemm_kernel (M1 + M2)", out, K, K, (bm, bn, bk), dt, gpu,
+        operand_l2=out * K * s * math.ceil(K / bn) + row_blocks * (K * K * s) + row_blocks * K * s + out * K * s,
         unique=out * K * s + K * K * s + K * s,
         writes=out * K * s + out * s + out * s,  # W', b' stored; b read
     )]

@@ -297,8 +297,8 @@ SPLIT_MIN_ROWS = 512
 
 
 # Untuned (no GPU where this was written): configs that compile without spills for sm_80 and
-# sm_90 on every dtype path with triton 3.6 and 3.8 (python -m benchmarks.triton_aot; tables in
-# benchmarks/results/triton-aot-sm80-sm90*.md).
+# sm_90 on every dtype path with triton 3.6, 3.8 and 3.9 (python -m benchmarks.triton_aot;
+# tables in benchmarks/results/triton-aot-sm80-sm90*.md).
 # - x_noisy: 16 elements per thread on 4 warps. 32 per thread spill under triton 3.6 (its ptxas
 #   holds them in 128 registers), and 32 x 128 on 8 warps under triton 3.9 (it aims at 80).
 # - The loss GEMM: 64-row tiles (one wgmma warp group's rows) on 8 warps, with maxnreg=255: the

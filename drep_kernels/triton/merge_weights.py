@@ -5,12 +5,18 @@ All five formulas are one GEMM shape with an epilogue, so one kernel serves them
     out[r, n]  = c_add Add[r, n] + c_mul (sum_k A[r, k] B[k, n] + u[r] v[n])    n < N
     out_col[r] = add_col[r]      + c_mul  sum_k A[r, k] b_col[k]                  (HAS_BCOL)
 
-b_col is an extra column N of B: the bias column of [W_d | b_d], so M2's W b_d is computed in
-the same launch and tiles as M1's W W_d. A and B are read through strides, so W^T and W_d^T
-cost no copy. Precision (``drep_kernels.precision``): bf16 / fp16 operands go to the tensor
-cores as they are, float32 ones as TF32 exactly when torch's float32 matmuls use it;
-accumulation in float32 (float64 for float64 weights); out is stored in its buffer's dtype (the
-weight's for the forward, the accumulation dtype for the gradients).
+b_col is the bias column of [W_d | b_d]: M2's W b_d (and M5's W^T g_b) is a matrix-vector
+product, formed on the CUDA cores by the programs of the first column block from the A tiles
+they load for the MMA anyway. As a column of B it cost a whole extra column block of MMA work
+and A reads (K is a multiple of the tile in every ViT layer), and splicing it into B's tile
+sent every program's B through registers, after a global load, on each step of the main loop.
+A and B are read through strides, so W^T and W_d^T cost no copy.
+
+Precision (``drep_kernels.precision``): bf16 / fp16 operands go to the tensor cores as they
+are, float32 ones as TF32 exactly when torch's float32 matmuls use it; accumulation in float32
+(float64 for float64 weights); out is stored in its buffer's dtype (the weight's for the
+forward, the accumulation dtype for the gradients). The bias column, a matrix-vector product,
+is never TF32 (nor are torch's): its products and sum are in the accumulation dtype.
 
     M1, M2: A = W,     B = W_d,   b_col = b_d, Add = W,   add_col = b,  c_add = c3, c_mul = -c1
     M3:     A = G_W,   B = W_d^T, u = g_b, v = b_d,       Add = G_W,    c_add = c3, c_mul = -c1
@@ -44,18 +50,25 @@ def _merge_gemm_kernel(
     # M1/M2: [W' | b'] = c3 [W | b] - c1 W [W_d | b_d];  M3: c3 G_W - c1 (G_W W_d^T + g_b b_d^T);
     # M4/M5: [dW_d | db_d] = -c1 W^T [G_W | g_b].
     pid = tl.program_id(0)
+    # GROUP_R row blocks share each B column block while it is in L2. With a bias column there
+    # is at least one column block (N = 0: the column alone).
+    num_n = tl.cdiv(N, BLOCK_N)
     if HAS_BCOL:
-        n_ext = N + 1  # the output's columns, the extra bias column included
-    else:
-        n_ext = N
-    # GROUP_R row blocks share each B column block while it is in L2.
-    pid_r, pid_n = grouped_tile(pid, tl.cdiv(R, BLOCK_R), tl.cdiv(n_ext, BLOCK_N), GROUP_R)
+        num_n = tl.maximum(num_n, 1)
+    pid_r, pid_n = grouped_tile(pid, tl.cdiv(R, BLOCK_R), num_n, GROUP_R)
+    # The first column block's programs also form the bias column (grouped order starts them
+    # first, so their extra CUDA-core work does not lengthen the grid's tail).
+    col_program = pid_n == 0
+    # The reduction length the column programs read b_col over (0 elsewhere): masks are built
+    # from it, not `mask & col_program`, which Triton 3.9's interpreter refuses (below).
+    col_kr = tl.where(col_program, KR, 0)
 
     offs_r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_r = offs_r < R
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=DTYPE)
+    col_acc = tl.zeros((BLOCK_R,), dtype=DTYPE)
     # K offsets within a slice (< BLOCK_K) times the strides stay small; the slice's start moves
     # the 64-bit pointers by a 64-bit step, so k * stride never forms in 32 bits (past 2^31 for
     # a transposed operand) and no int64 block of offsets costs registers.
@@ -63,14 +76,24 @@ def _merge_gemm_kernel(
     a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_kl[None, :] * stride_ak
     b_ptrs = b_ptr + offs_kl[:, None] * stride_bk + offs_n[None, :] * stride_bn
     bcol_ptrs = bcol_ptr + offs_kl * stride_bcol
+    if HAS_BCOL:
+        bcol_next = tl.load(bcol_ptrs, mask=offs_kl < col_kr, other=0.0)
     for k0 in range(0, KR, BLOCK_K):
         mask_k = k0 + offs_kl < KR
         a = tl.load(a_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(GEMM_DTYPE)
         b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(GEMM_DTYPE)
         if HAS_BCOL:
-            bcol = tl.load(bcol_ptrs, mask=mask_k, other=0.0).to(GEMM_DTYPE)
-            b = tl.where(offs_n[None, :] == N, bcol[:, None], b)
+            # b_col's next slice is loaded one step ahead of its use, and only by the column
+            # programs (a masked-off load moves nothing): loaded where it is used, it compiled
+            # to a global load waited on at every step (triton 3.8); a step ahead, Triton
+            # stages it with the operands (cp.async).
+            bcol = bcol_next
             bcol_ptrs += tl.cast(stride_bcol, tl.int64) * BLOCK_K
+            bcol_next = tl.load(bcol_ptrs, mask=k0 + BLOCK_K + offs_kl < col_kr, other=0.0)
+            if col_program:
+                # Operands rounded as the MMA's are; products and sum in the accumulation
+                # dtype: a matrix-vector product, which torch never runs as TF32 either.
+                col_acc += tl.sum(a.to(DTYPE) * bcol.to(GEMM_DTYPE).to(DTYPE)[None, :], axis=1)
         a_ptrs += tl.cast(stride_ak, tl.int64) * BLOCK_K
         b_ptrs += tl.cast(stride_bk, tl.int64) * BLOCK_K
         acc = dot(a, b, acc, INPUT_PRECISION, DTYPE)
@@ -89,11 +112,10 @@ def _merge_gemm_kernel(
     out_ptrs = out_ptr + offs_r[:, None] * stride_outr + offs_n[None, :] * stride_outn
     tl.store(out_ptrs, rounded(val, out_ptr.dtype.element_ty), mask=mask)
     if HAS_BCOL:
-        # Only the last column block holds column N. A branch, not a store mask `mask_r & (this
-        # scalar condition)`: Triton >= 3.9's interpreter splats a scalar comparison into an int64
-        # block, and its store rejects a mask that is not boolean.
-        if (pid_n.to(tl.int64) + 1) * BLOCK_N > N:
-            col = tl.sum(tl.where(offs_n[None, :] == N, c_mul * acc, 0.0), axis=1)
+        # A branch, not a store mask `mask_r & col_program`: Triton >= 3.9's interpreter splats a
+        # scalar comparison into an int64 block, and its store rejects a mask that is not boolean.
+        if col_program:
+            col = c_mul * col_acc
             if HAS_ADDCOL:
                 col += tl.load(addcol_ptr + offs_r * stride_addcol, mask=mask_r, other=0.0).to(DTYPE)
             tl.store(outcol_ptr + offs_r * stride_outcol, rounded(col, outcol_ptr.dtype.element_ty), mask=mask_r)
@@ -110,8 +132,10 @@ def _merge_gemm_kernel(
 # tiles spill a few bytes at 80 to 96 registers; with a cap (maxnreg) it fills the cap instead
 # (255 registers for 64 x 64; at 128 it spills), so those are not shipped there. On the
 # tensor-core paths (bf16, fp16, TF32) the accumulator lives in the MMA's registers and
-# 128 x 128 x 32 tiles compile clean for every launch (130 to 232 registers, triton 3.6 and
-# 3.8): they come first there, reading W and W_d from L2 half as often as 128 x 64 tiles.
+# 128 x 128 x 32 tiles compile clean for every launch (120 to 252 registers, triton 3.6, 3.8
+# and 3.9): they come first there, reading W and W_d from L2 half as often as 128 x 64 tiles.
+# 256 x 128 and 128 x 256 tiles (half the L2 reads again) spill at 8 warps (triton 3.8: bf16 on
+# sm_80, M3 on sm_90, TF32 on both).
 _CONFIGS = [
     triton.Config({"BLOCK_R": br, "BLOCK_N": bn, "BLOCK_K": 16, "GROUP_R": 8}, num_warps=8, num_stages=3)
     for br, bn in [(128, 64), (64, 128)]
@@ -179,7 +203,8 @@ def _gemm(
     has_bcol = bcol is not None
 
     def grid(meta):
-        return (triton.cdiv(R, meta["BLOCK_R"]) * triton.cdiv(N + has_bcol, meta["BLOCK_N"]),)
+        num_n = triton.cdiv(N, meta["BLOCK_N"])
+        return (triton.cdiv(R, meta["BLOCK_R"]) * (max(num_n, 1) if has_bcol else num_n),)
 
     placeholder = out
     gemm = precision.gemm_dtype(dtype, tensor_cores=True)
