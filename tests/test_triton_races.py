@@ -4,12 +4,12 @@ The interpreter runs a grid's programs one after another, so a kernel whose prog
 one address (a lost update, or last-writer-wins, on a GPU) passes every oracle test there. Here
 (tools in triton_interp_tools.py):
 
-1. the race check itself, on small kernels with and without races;
+1. the check itself, on small kernels with and without races and out-of-bounds accesses;
 2. every Triton kernel and path under ``record_stores()``: no byte stored by two programs of a
-   launch, none read by one program and stored by another. The loss makes three launches per
-   row chunk (x_noisy, GEMM 1 with its epilogue, the dW_d GEMM; a fourth, the sum of the dW_d
-   GEMM's row splits, where it splits), each checked, over one chunk and several (the chunk
-   budget lowered);
+   launch, none read by one program and stored by another, none read or stored outside the
+   launch's tensor arguments. The loss makes three launches per row chunk (x_noisy, GEMM 1
+   with its epilogue, the dW_d GEMM; a fourth, the sum of the dW_d GEMM's row splits, where it
+   splits), each checked, over one chunk and several (the chunk budget lowered);
 3. the oracle tests of test_triton_backend.py with the grid walked in reverse (their forward
    order is that file's own run), and shapes whose K is a multiple of every block size the
    interpreter runs (32 for the GEMMs, 128 for the x_noisy kernel's columns; 64 also covers the
@@ -76,6 +76,15 @@ def _grid_kernel(out_ptr, LAST_WRITER: tl.constexpr):
         tl.store(out_ptr + pid, pid.to(tl.float32))
 
 
+@triton.jit
+def _shifted_copy_kernel(src_ptr, dst_ptr, n, READ_SHIFT: tl.constexpr, WRITE_SHIFT: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    # dst[i + WRITE_SHIFT] = src[i + READ_SHIFT] for i < n: one element past the end when shifted.
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(dst_ptr + offs + WRITE_SHIFT, tl.load(src_ptr + offs + READ_SHIFT, mask=mask), mask=mask)
+
+
 def test_disjoint_tiles_pass_and_are_recorded():
     out = torch.zeros(70)
     with record_stores() as launches:
@@ -112,6 +121,18 @@ def test_reading_another_programs_store_is_a_race():
                                         r"buf_ptr\[1\] read by program \(0, 0, 0\), stored by program \(1, 0, 0\)"):
         with record_stores():
             _neighbour_kernel[(4,)](torch.zeros(5), READ_OFFSET=1)
+
+
+@pytest.mark.parametrize("read_shift,write_shift,kind", [(1, 0, "read"), (0, 1, "stored")])
+def test_access_past_a_tensor_is_out_of_bounds(read_shift, write_shift, kind):
+    # Views of larger buffers: the byte past each view's end is memory, just not the view's.
+    src, dst = torch.arange(16.0)[:7], torch.zeros(16)[:7]
+    with record_stores() as launches:
+        _shifted_copy_kernel[(1,)](src, dst, 7, READ_SHIFT=0, WRITE_SHIFT=0, BLOCK=8)
+    assert len(launches) == 1 and torch.equal(dst, src)
+    with pytest.raises(RaceError, match=rf"(?s)4 byte\(s\) {kind} outside every tensor argument.*program \(0, 0, 0\)"):
+        with record_stores():
+            _shifted_copy_kernel[(1,)](src, dst, 7, READ_SHIFT=read_shift, WRITE_SHIFT=write_shift, BLOCK=8)
 
 
 def test_reverse_grid_walks_every_program_once_backwards():
@@ -354,7 +375,7 @@ OTHER_ORACLE_TESTS = {
     "loss-wide-K": lambda mp: tb.test_denoise_loss_other_block_shapes((16, 16, 64), (16, 64, 32)),
     "loss-in-chunks": lambda mp: tb.test_denoise_loss_in_chunks(mp, F32),
     "merge-bwd": lambda mp: tb.test_merge_bwd_kernel_vs_reference(),
-    "merge-noncontiguous": tb.test_merge_noncontiguous,
+    "merge-noncontiguous": lambda mp: tb.test_merge_noncontiguous(mp, 70),
     "merge-two-step": lambda mp: tb.test_merge_function_equals_two_step(),
 }
 

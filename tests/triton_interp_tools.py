@@ -10,7 +10,10 @@ a CPU:
   ``RaceError`` if two programs stored to one byte, or if one program read a byte that another
   program of the same launch stored: on a GPU that read may see the old or the new value,
   whatever the interpreter's order showed. A program reading back what it stored itself is no
-  race (the loss kernel accumulates its own dW_d rows that way).
+  race (the loss kernel accumulates its own dW_d rows that way). It also raises it for any byte
+  read or stored outside every tensor argument (each tensor's span through its strides): on
+  a GPU, an out-of-bounds access; in the interpreter, often a read of memory that happens to
+  hold something.
 - ``reverse_grid()`` runs a launch's programs in reverse order, so a last-writer-wins race that
   the interpreter's own order hides changes an oracle test's result instead.
 
@@ -43,7 +46,8 @@ _SHOWN = 4
 
 
 class RaceError(AssertionError):
-    """Two programs of one launch stored to one address, or one read what another stored."""
+    """Two programs of one launch stored to one address, or one read what another stored; or a
+    program accessed a byte outside every tensor argument of the launch (out of bounds)."""
 
 
 @dataclasses.dataclass
@@ -172,12 +176,28 @@ class _LaunchLog:
         _, gy, gz = self.grid_dim()
         return (linear // (gy * gz), (linear // gz) % gy, linear % gz)
 
-    def _where(self, addr: int) -> str:
+    def _spans(self) -> list[tuple[str, torch.Tensor, int, int]]:
+        """(name, tensor, first byte, one past its last byte) of each tensor argument."""
+        out = []
         for name, t in self.tensors:
-            base, item = t.data_ptr(), t.element_size()
             span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0
-            if base <= addr < base + span * item:
-                offset = (addr - base) // item
+            out.append((name, t, t.data_ptr(), t.data_ptr() + span * t.element_size()))
+        return out
+
+    def _outside(self, addrs: np.ndarray) -> np.ndarray:
+        """Which of ``addrs`` lie in no tensor argument (an access out of bounds)."""
+        spans = sorted((lo, hi) for _, _, lo, hi in self._spans() if hi > lo)
+        if not spans:
+            return np.ones(addrs.shape, bool)
+        starts = np.array([lo for lo, _ in spans], np.uint64)
+        reach = np.maximum.accumulate(np.array([hi for _, hi in spans], np.uint64))  # spans may nest
+        idx = np.searchsorted(starts, addrs, side="right").astype(np.int64) - 1
+        return (idx < 0) | (addrs >= reach[np.maximum(idx, 0)])
+
+    def _where(self, addr: int) -> str:
+        for name, t, lo, hi in self._spans():
+            if lo <= addr < hi:
+                offset = (addr - lo) // t.element_size()
                 if t.is_contiguous():
                     return f"{name}[{', '.join(str(int(i)) for i in np.unravel_index(offset, tuple(t.shape)))}]"
                 return f"{name} + {offset} elements"
@@ -219,6 +239,16 @@ class _LaunchLog:
             )
             problems.append(f"{np.unique(l_addr[cross]).size} byte(s) read by one program and stored by another, "
                             "e.g.\n    " + "\n    ".join(lines))
+
+        # Out of bounds: a byte no tensor argument holds (masked-off lanes access nothing).
+        for kind, addrs, progs in (("stored", s_addr, s_prog), ("read", l_addr, l_prog)):
+            out = np.flatnonzero(self._outside(addrs))
+            if out.size:
+                lines = _first_distinct(
+                    f"address {int(addrs[i]):#x} {kind} by program {self._program(int(progs[i]))}" for i in out
+                )
+                problems.append(f"{np.unique(addrs[out]).size} byte(s) {kind} outside every tensor argument, e.g.\n    "
+                                + "\n    ".join(lines))
 
         grid = tuple(self.grid_dim())
         if problems:

@@ -50,9 +50,10 @@ TRITON_TILE = {"tc16": (128, 128, 32), "tf32": (128, 128, 32), "fma": (128, 64, 
 def triton(out: int, K: int, dt: Dtype, gpu: Gpu) -> list[Kernel]:
     """One _merge_gemm_kernel launch over W' (out x K). b' = b - c1 W b_d is formed on the CUDA
     cores by the programs of the first column block, from the W tiles they load for the MMA:
-    their b_d slices (each of those programs reads all of b_d) and 2 out K FLOPs, not counted
-    as MMA work. Every column program loads its rows of W (A); every row program loads all of
-    W_d (B); the epilogue loads W (Add, just streamed as A: L2) and b."""
+    their reads of b_d (all of it, per program) are counted; their 2 out K FLOPs and the
+    longer run of those programs are not modelled. Every column program loads its rows of W
+    (A); every row program loads all of W_d (B); the epilogue loads W (Add, just streamed as
+    A: L2) and b."""
     s = dt.size
     bm, bn, bk = TRITON_TILE[dt.path]
     row_blocks = math.ceil(out / bm)

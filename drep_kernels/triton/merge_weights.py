@@ -7,10 +7,10 @@ All five formulas are one GEMM shape with an epilogue, so one kernel serves them
 
 b_col is the bias column of [W_d | b_d]: M2's W b_d (and M5's W^T g_b) is a matrix-vector
 product, formed on the CUDA cores by the programs of the first column block from the A tiles
-they load for the MMA anyway. As a column of B it cost a whole extra column block of MMA work
-and A reads (K is a multiple of the tile in every ViT layer), and splicing it into B's tile
-sent every program's B through registers, after a global load, on each step of the main loop.
-A and B are read through strides, so W^T and W_d^T cost no copy.
+they load for the MMA anyway. A column of B of its own would cost a whole extra column block
+of MMA work and A reads (K is a multiple of the tile in every ViT layer), and splicing it into
+B's tile would send every program's B through registers on each step of the main loop. A and
+B are read through strides, so W^T and W_d^T cost no copy.
 
 Precision (``drep_kernels.precision``): bf16 / fp16 operands go to the tensor cores as they
 are, float32 ones as TF32 exactly when torch's float32 matmuls use it; accumulation in float32
@@ -56,19 +56,20 @@ def _merge_gemm_kernel(
     if HAS_BCOL:
         num_n = tl.maximum(num_n, 1)
     pid_r, pid_n = grouped_tile(pid, tl.cdiv(R, BLOCK_R), num_n, GROUP_R)
-    # The first column block's programs also form the bias column (grouped order starts them
-    # first, so their extra CUDA-core work does not lengthen the grid's tail).
-    col_program = pid_n == 0
-    # The reduction length the column programs read b_col over (0 elsewhere): masks are built
-    # from it, not `mask & col_program`, which Triton 3.9's interpreter refuses (below).
-    col_kr = tl.where(col_program, KR, 0)
+    if HAS_BCOL:
+        # The first column block's programs also form the bias column. In grouped order they
+        # run first within each group of GROUP_R row blocks, not together at the grid's end.
+        col_program = pid_n == 0
+        # The reduction length they read b_col over (0 in the other programs): masks are built
+        # from it, not `mask & col_program`, which Triton 3.9's interpreter refuses (below).
+        col_kr = tl.where(col_program, KR, 0)
+        col_acc = tl.zeros((BLOCK_R,), dtype=DTYPE)
 
     offs_r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_r = offs_r < R
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=DTYPE)
-    col_acc = tl.zeros((BLOCK_R,), dtype=DTYPE)
     # K offsets within a slice (< BLOCK_K) times the strides stay small; the slice's start moves
     # the 64-bit pointers by a 64-bit step, so k * stride never forms in 32 bits (past 2^31 for
     # a transposed operand) and no int64 block of offsets costs registers.
@@ -134,8 +135,8 @@ def _merge_gemm_kernel(
 # tensor-core paths (bf16, fp16, TF32) the accumulator lives in the MMA's registers and
 # 128 x 128 x 32 tiles compile clean for every launch (120 to 252 registers, triton 3.6, 3.8
 # and 3.9): they come first there, reading W and W_d from L2 half as often as 128 x 64 tiles.
-# 256 x 128 and 128 x 256 tiles (half the L2 reads again) spill at 8 warps (triton 3.8: bf16 on
-# sm_80, M3 on sm_90, TF32 on both).
+# 256 x 128 and 128 x 256 tiles (half the L2 reads again) spill at 8 warps: compiled as above
+# with triton 3.8, 8 to 620 bytes of spill stores (bf16 on sm_80, M3 on sm_90, TF32 on both).
 _CONFIGS = [
     triton.Config({"BLOCK_R": br, "BLOCK_N": bn, "BLOCK_K": 16, "GROUP_R": 8}, num_warps=8, num_stages=3)
     for br, bn in [(128, 64), (64, 128)]
