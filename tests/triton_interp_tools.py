@@ -62,9 +62,14 @@ class Launch:
 
     def readers(self, t: torch.Tensor) -> set[tuple[int, int, int]]:
         """The programs that read any byte of ``t`` (masked-off lanes read nothing)."""
-        lo = t.data_ptr()
-        hi = lo + (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) * t.element_size() if t.numel() else lo
+        lo, hi = _byte_span(t)
         return {pid for pid, addrs in self.loads if ((addrs >= lo) & (addrs < hi)).any()}
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """(first byte, one past the last byte) of ``t`` through its strides; empty: (p, p)."""
+    elements = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0
+    return t.data_ptr(), t.data_ptr() + elements * t.element_size()
 
 
 def _interpreter():
@@ -178,11 +183,7 @@ class _LaunchLog:
 
     def _spans(self) -> list[tuple[str, torch.Tensor, int, int]]:
         """(name, tensor, first byte, one past its last byte) of each tensor argument."""
-        out = []
-        for name, t in self.tensors:
-            span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0
-            out.append((name, t, t.data_ptr(), t.data_ptr() + span * t.element_size()))
-        return out
+        return [(name, t, *_byte_span(t)) for name, t in self.tensors]
 
     def _outside(self, addrs: np.ndarray) -> np.ndarray:
         """Which of ``addrs`` lie in no tensor argument (an access out of bounds)."""
